@@ -1,0 +1,298 @@
+"""One frozen config tree for every job: a YAML file, then dotted overrides, validated by key and type."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+CONFIGS_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown key or holds a bad value."""
+
+
+def _bounded(default: Any, lo: float | None = None, hi: float | None = None) -> Any:
+    """A field whose numeric value must lie in [lo, hi]."""
+    return field(default=default, metadata={"lo": lo, "hi": hi})
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where photos come from and what the decoder accepts."""
+
+    # A folder with one sub-folder per style, or a manifest (csv/parquet with `path` and optional `style`).
+    source: str = ""
+    # Root of every derived artefact (crops, errors, checkpoints, models, reports) unless a job is told otherwise.
+    workdir: str = "runs"
+    # Decompression-bomb guard: images claiming more pixels than this are rejected before decoding.
+    max_image_pixels: int = _bounded(40_000_000, lo=1)
+    max_image_bytes: int = _bounded(50 * 2**20, lo=1)
+    # Ray Data read parallelism; small on a 2-core machine so block counts stay low.
+    num_blocks: int = _bounded(8, lo=1)
+    # Crops are re-encoded at most this long side (px): enough for 224-px models, small on disk.
+    crop_max_side: int = _bounded(512, lo=32)
+
+
+@dataclass(frozen=True)
+class DetectConfig:
+    """The YOLO garment detector whose kept boxes form the outfit box."""
+
+    # Ultralytics weights (.pt) or model yaml; a bare name not found on disk is looked up in ootd/assets/.
+    weights: str = "yolo-synthetic-garments.pt"
+    # Classes whose union is the outfit: garment classes of a clothing model, or [0] (person) for COCO models.
+    class_ids: tuple[int, ...] = (0, 1, 2, 3)
+    conf: float = _bounded(0.25, lo=0.0, hi=1.0)
+    iou: float = _bounded(0.7, lo=0.0, hi=1.0)
+    imgsz: int = _bounded(320, lo=32)
+    # Outfit box padding as a fraction of its size on each side.
+    pad: float = _bounded(0.05, lo=0.0, hi=1.0)
+    # Boxes smaller than this (px, either side) are noise, not garments.
+    min_box_size: int = _bounded(4, lo=0)
+    batch_size: int = _bounded(16, lo=1)
+    # Ray Data actor pool: number of detector actors and CPUs each one reserves.
+    concurrency: int = _bounded(1, lo=1)
+    num_cpus: float = _bounded(1.0, lo=0.0)
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The style encoder: open_clip backbone plus projection head."""
+
+    # hf-hub:Marqo/marqo-fashionSigLIP | local-dir:PATH | tiny
+    backbone: str = "hf-hub:Marqo/marqo-fashionSigLIP"
+    head: Literal["linear", "mlp"] = "linear"
+    embed_dim: int = _bounded(128, lo=1)
+    head_hidden: int = _bounded(256, lo=1)
+    # Top transformer blocks trained (plus final norm/pool and head); 0 trains the head only.
+    unlocked_blocks: int = _bounded(2, lo=0)
+    # Inference precision; bf16 runs on CPU too (autocast).
+    precision: Literal["fp32", "bf16"] = "fp32"
+    # Never fetch weights unless the user asked for it (DESIGN §5).
+    allow_download: bool = False
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Ray Train fine-tuning of the head and top blocks."""
+
+    num_workers: int = _bounded(2, lo=1)
+    cpus_per_worker: float = _bounded(1.0, lo=0.0)
+    use_gpu: Literal["auto", "true", "false"] = "auto"
+    epochs: int = _bounded(10, lo=1)
+    # Class-balanced batches: P styles x K images per style per worker step.
+    styles_per_batch: int = _bounded(13, lo=2)
+    images_per_style: int = _bounded(4, lo=2)
+    lr_head: float = _bounded(1e-3, lo=0.0)
+    lr_backbone: float = _bounded(1e-5, lo=0.0)
+    weight_decay: float = _bounded(0.05, lo=0.0)
+    warmup_fraction: float = _bounded(0.1, lo=0.0, hi=1.0)
+    loss: Literal["supcon", "pairwise", "triplet"] = "supcon"
+    temperature: float = _bounded(0.1, lo=1e-4)
+    margin: float = _bounded(0.5, lo=0.0)
+    bf16: bool = False
+    # Train from cached activations at the frozen/unfrozen boundary instead of images.
+    feature_cache: bool = True
+    val_fraction: float = _bounded(0.15, lo=0.0, hi=0.5)
+    test_fraction: float = _bounded(0.15, lo=0.0, hi=0.5)
+    seed: int = 0
+    # Ray Train storage; "" means <workdir>/ray_results. Use shared storage (NFS, s3://) on a cluster.
+    storage_path: str = ""
+    run_name: str = "ootd"
+    max_failures: int = _bounded(1, lo=-1)
+    checkpoints_to_keep: int = _bounded(2, lo=1)
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Milvus: an embedded Milvus Lite file by default, a server by URI."""
+
+    # A path ending in .db opens Milvus Lite in-process; http(s)://host:port talks to a Milvus server.
+    uri: str = "runs/milvus.db"
+    token: str = ""
+    alias: str = "ootd"
+    hnsw_m: int = _bounded(16, lo=2)
+    hnsw_ef_construction: int = _bounded(200, lo=8)
+    search_ef: int = _bounded(64, lo=1)
+    # Where crop images are kept, keyed by image id (a directory or an fsspec URL).
+    media: str = "runs/media"
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """The Ray Serve app: HTTP ingress, autoscaled encoder, Milvus index."""
+
+    host: str = "127.0.0.1"
+    port: int = _bounded(8000, lo=1, hi=65535)
+    # Model dir to serve; "" means the model recorded by the last index run in <workdir>/models/live.
+    model_dir: str = ""
+    # When set, writes (POST/DELETE /v1/items) need header `x-api-key: <api_key>`.
+    api_key: str = ""
+    max_image_bytes: int = _bounded(10 * 2**20, lo=1)
+    min_replicas: int = _bounded(1, lo=0)
+    max_replicas: int = _bounded(2, lo=1)
+    target_ongoing_requests: float = _bounded(8.0, lo=0.1)
+    max_batch_size: int = _bounded(16, lo=1)
+    batch_wait_timeout_s: float = _bounded(0.01, lo=0.0)
+    encoder_num_cpus: float = _bounded(0.5, lo=0.0)
+    index_num_cpus: float = _bounded(0.25, lo=0.0)
+    ingress_num_cpus: float = _bounded(0.25, lo=0.0)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole tree; every job reads the section it needs and saves all of it next to its output."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    detect: DetectConfig = field(default_factory=DetectConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+
+def load_config(source: str | Path | None = "default", overrides: typing.Iterable[str] = ()) -> Config:
+    """Builds the config tree from a YAML file and dotted overrides.
+
+    Args:
+        source: a built-in config name (`default`, `tiny`), a YAML path, or None for the dataclass defaults.
+        overrides: `section.key=value` strings; values are parsed as YAML (`train.lr_head=1e-4`,
+            `detect.class_ids=[0]`).
+
+    Raises:
+        ConfigError: for an unknown key, a malformed override or a value of the wrong type or range.
+    """
+    tree: dict[str, Any] = {}
+    if source is not None:
+        path = Path(source)
+        if not path.suffix and (CONFIGS_DIR / f"{source}.yaml").exists():
+            path = CONFIGS_DIR / f"{source}.yaml"
+        if not path.exists():
+            raise ConfigError(f"config file not found: {source} (built-ins: {builtin_config_names()})")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections, got {type(loaded).__name__}")
+        tree = loaded
+    return _build(Config, _apply_overrides(tree, overrides), prefix="")
+
+
+def builtin_config_names() -> list[str]:
+    """Names accepted by `load_config` besides file paths."""
+    return sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
+
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    """The tree as plain YAML-able data (tuples become lists)."""
+    return _plain(dataclasses.asdict(config))
+
+
+def save_config(config: Config, path: str | Path) -> Path:
+    """Writes the resolved config as YAML; jobs call this next to what they produce."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    return path
+
+
+def with_overrides(config: Config, overrides: typing.Iterable[str]) -> Config:
+    """A copy of `config` with dotted overrides applied and validated."""
+    return _build(Config, _apply_overrides(config_to_dict(config), overrides), prefix="")
+
+
+def _apply_overrides(tree: dict[str, Any], overrides: typing.Iterable[str]) -> dict[str, Any]:
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) != 2 or not all(parts):
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        section, name = parts
+        if not isinstance(tree.setdefault(section, {}), dict):
+            raise ConfigError(f"config section {section!r} must be a mapping")
+        tree[section][name] = yaml.safe_load(raw) if raw.strip() else ""
+    return tree
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "config"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]!r} (known in {where}: {', '.join(known)})")
+    values = {}
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, value if value is not None else {}, prefix=f"{key}.")
+        else:
+            values[name] = _coerce(key, hint, value)
+            _check_bounds(key, known[name], values[name])
+    return cls(**values)
+
+
+def _coerce(key: str, hint: Any, value: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{key} must be one of {list(choices)}, got {value!r}")
+        return value
+    if origin is tuple:
+        (item_type, _) = typing.get_args(hint)
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return tuple(_coerce(f"{key}[{i}]", item_type, v) for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{key}: union types are not supported in the config tree")
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)  # YAML 1.1 reads "1e-4" as a string
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if value is None:
+            return ""
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported config type {hint!r}")
+
+
+def _check_bounds(key: str, spec: dataclasses.Field, value: Any) -> None:
+    lo, hi = spec.metadata.get("lo"), spec.metadata.get("hi")
+    if lo is not None and value < lo:
+        raise ConfigError(f"{key} must be >= {lo}, got {value!r}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{key} must be <= {hi}, got {value!r}")
