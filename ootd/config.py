@@ -235,7 +235,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(known))
     if unknown:
-        raise ConfigError(f"unknown config key {prefix}{unknown[0]!r} (known in {where}: {', '.join(known)})")
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}' (known in {where}: {', '.join(known)})")
     values = {}
     for name, value in data.items():
         key = f"{prefix}{name}"
