@@ -131,7 +131,8 @@ class ServeConfig:
 
     host: str = "127.0.0.1"
     port: int = _bounded(8000, lo=1, hi=65535)
-    # Model dir to serve; "" means the model recorded by the last index run in <workdir>/models/live.
+    # Model dir to serve; "" means <workdir>/models/<version of the live Milvus collection>, so the encoder
+    # always matches the vectors it is compared with.
     model_dir: str = ""
     # When set, writes (POST/DELETE /v1/items) need header `x-api-key: <api_key>`.
     api_key: str = ""

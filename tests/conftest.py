@@ -1,0 +1,180 @@
+"""Shared fixtures: a real `ray start` cluster, a real `milvus-lite server`, the tiny config, synthetic outfits."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+# Nothing in the suite may reach the network; these make open_clip / HF / ultralytics fail fast instead.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    """Blocks until something accepts connections on 127.0.0.1:port."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before port {port} opened")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listening on port {port} after {timeout}s")
+
+
+def stop_process_group(proc: subprocess.Popen, grace: float = 20.0) -> None:
+    """SIGTERM the group a fixture started (and only that group), then SIGKILL what is left."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+@dataclass(frozen=True)
+class RayCluster:
+    """A local cluster started by `ray start --head --block` for this test session."""
+
+    address: str  # GCS address for ray.init
+    dashboard_url: str  # for `ray job submit --address`
+    temp_dir: Path
+
+    def job_env(self) -> dict[str, str]:
+        """Environment for `ray job submit` / `serve` CLIs against this cluster."""
+        env = dict(os.environ)
+        env["RAY_ADDRESS"] = self.dashboard_url
+        env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+        return env
+
+    def submit_job(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+        """Runs `ray job submit --working-dir <repo> -- python <args>` and waits for it."""
+        cmd = [str(BIN / "ray"), "job", "submit", "--address", self.dashboard_url, "--working-dir", str(REPO), "--"]
+        cmd += ["python", *args]
+        return subprocess.run(cmd, env=self.job_env(), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """Starts a real 2-CPU head node with its own ports and temp dir; stops only that node at the end."""
+    temp_dir = Path(tempfile.mkdtemp(prefix="ootd-ray-", dir="/tmp"))
+    gcs_port, dash_port, client_port = free_port(), free_port(), free_port()
+    env = dict(os.environ)
+    # Job entrypoints run `python`: make it this venv's interpreter on the cluster too.
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["RAY_ENABLE_UV_RUN_RUNTIME_ENV"] = "0"
+    cmd = [
+        str(BIN / "ray"), "start", "--head", "--block",
+        f"--port={gcs_port}", "--node-ip-address=127.0.0.1",
+        "--num-cpus=2", "--num-gpus=0",
+        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
+        f"--ray-client-server-port={client_port}",
+        f"--temp-dir={temp_dir}",
+        "--object-store-memory=800000000",
+        "--disable-usage-stats",
+    ]  # fmt: skip
+    log = open(temp_dir / "ray-start.log", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_port(dash_port, timeout=120, proc=proc)
+        # The dashboard's job API comes up a moment after its port opens.
+        _wait_for_job_api(f"http://127.0.0.1:{dash_port}", timeout=60)
+        yield RayCluster(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}", temp_dir)
+    finally:
+        _shutdown_driver()
+        stop_process_group(proc)
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _wait_for_job_api(url: str, timeout: float) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/api/version", timeout=5) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"Ray job API at {url} did not answer in {timeout}s")
+
+
+def _shutdown_driver() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_session(ray_cluster):
+    """This pytest process connected to the test cluster as a Ray driver."""
+    import ray
+
+    ray.init(address=ray_cluster.address, log_to_driver=False, ignore_reinit_error=True)
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False  # pytest output stays readable; jobs keep their bars
+    yield ray_cluster
+
+
+@pytest.fixture()
+def milvus_server(tmp_path_factory):
+    """A real Milvus gRPC endpoint (`milvus-lite server`) on a free port; yields its URI."""
+    data_dir = tmp_path_factory.mktemp("milvus-server")
+    port = free_port()
+    cmd = [str(BIN / "milvus-lite"), "server", "--data-dir", str(data_dir), "--host", "127.0.0.1", "--port", str(port)]
+    log = open(data_dir / "server.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_port(port, timeout=60, proc=proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_process_group(proc, grace=10)
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """The offline tiny config (tiny ViT, committed synthetic detector)."""
+    from ootd.config import load_config
+
+    return load_config("tiny")
+
+
+@pytest.fixture(scope="session")
+def synthetic_set(tmp_path_factory):
+    """A small deterministic synthetic outfit set: 6 photos per style, 256 px."""
+    from ootd.synthetic import write_sample_data
+
+    out = tmp_path_factory.mktemp("synthetic")
+    write_sample_data(out, per_style=6, seed=7, size=256)
+    return out
