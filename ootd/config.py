@@ -253,6 +253,8 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
     origin = typing.get_origin(hint)
     if origin is Literal:
         choices = typing.get_args(hint)
+        if isinstance(value, bool) and "true" in choices:  # YAML reads `use_gpu=false` as a bool
+            value = str(value).lower()
         if value not in choices:
             raise ConfigError(f"{key} must be one of {list(choices)}, got {value!r}")
         return value

@@ -22,6 +22,8 @@ BIN = Path(sys.executable).parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# A ~/.ray/auth_token on the machine would switch the test cluster to token auth (401 on the job API).
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 def free_port() -> int:
@@ -75,7 +77,13 @@ class RayCluster:
         """Runs `ray job submit --working-dir <repo> -- python <args>` and waits for it."""
         cmd = [str(BIN / "ray"), "job", "submit", "--address", self.dashboard_url, "--working-dir", str(REPO), "--"]
         cmd += ["python", *args]
-        return subprocess.run(cmd, env=self.job_env(), capture_output=True, text=True, timeout=timeout)
+        for _ in range(5):
+            result = subprocess.run(cmd, env=self.job_env(), capture_output=True, text=True, timeout=timeout)
+            # Right after start-up the head's job agent may not have registered yet; that is not the job failing.
+            if "No available agent to submit job" not in result.stdout + result.stderr:
+                return result
+            time.sleep(3)
+        return result
 
 
 @pytest.fixture(scope="session")
@@ -83,6 +91,8 @@ def ray_cluster():
     """Starts a real 2-CPU head node with its own ports and temp dir; stops only that node at the end."""
     temp_dir = Path(tempfile.mkdtemp(prefix="ootd-ray-", dir="/tmp"))
     gcs_port, dash_port, client_port = free_port(), free_port(), free_port()
+    # Ray's fixed default agent/metrics ports collide with any other Ray on the machine: take free ones.
+    agent_http, agent_grpc, metrics, runtime_env = free_port(), free_port(), free_port(), free_port()
     env = dict(os.environ)
     # Job entrypoints run `python`: make it this venv's interpreter on the cluster too.
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
@@ -93,6 +103,8 @@ def ray_cluster():
         "--num-cpus=2", "--num-gpus=0",
         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
         f"--ray-client-server-port={client_port}",
+        f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
         f"--temp-dir={temp_dir}",
         "--object-store-memory=800000000",
         "--disable-usage-stats",
@@ -100,9 +112,12 @@ def ray_cluster():
     log = open(temp_dir / "ray-start.log", "w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_for_port(dash_port, timeout=120, proc=proc)
-        # The dashboard's job API comes up a moment after its port opens.
-        _wait_for_job_api(f"http://127.0.0.1:{dash_port}", timeout=60)
+        try:
+            wait_for_port(dash_port, timeout=120, proc=proc)
+            # The dashboard's job API comes up a moment after its port opens.
+            _wait_for_job_api(f"http://127.0.0.1:{dash_port}", timeout=120)
+        except (TimeoutError, RuntimeError) as exc:
+            raise RuntimeError(f"{exc}\n{_startup_logs(temp_dir)}") from exc
         yield RayCluster(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}", temp_dir)
     finally:
         _shutdown_driver()
@@ -124,6 +139,18 @@ def _wait_for_job_api(url: str, timeout: float) -> None:
             pass
         time.sleep(0.5)
     raise TimeoutError(f"Ray job API at {url} did not answer in {timeout}s")
+
+
+def _startup_logs(temp_dir: Path, lines: int = 40) -> str:
+    """The tail of `ray start` and dashboard logs, so a cluster that fails to start in CI says why."""
+    parts = []
+    for path in [temp_dir / "ray-start.log", *sorted(temp_dir.glob("session_*/logs/dashboard*.log"))]:
+        try:
+            tail = path.read_text(errors="replace").splitlines()[-lines:]
+        except OSError:
+            continue
+        parts.append(f"--- {path.name} ---\n" + "\n".join(tail))
+    return "\n".join(parts)
 
 
 def _shutdown_driver() -> None:

@@ -83,3 +83,8 @@ def test_saved_config_round_trips(tmp_path):
     assert yaml.safe_load(path.read_text())["train"]["epochs"] == 7
     assert load_config(path) == config
     assert with_overrides(config, ["train.epochs=2"]).train.epochs == 2
+
+
+def test_yaml_booleans_are_accepted_for_true_false_choices():
+    assert load_config("tiny", ["train.use_gpu=false"]).train.use_gpu == "false"
+    assert load_config("tiny", ["train.use_gpu=true"]).train.use_gpu == "true"
