@@ -1,0 +1,354 @@
+"""Ray Data job that computes the frozen trunk's activations at the train boundary once and keeps them as fp16."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    import torch
+    from PIL import Image
+
+    from ootd.config import Config, ModelConfig
+    from ootd.encoder import StyleEncoder
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+MANIFEST = "cache.json"
+# Fixed init seed: a backbone built from a name (`tiny`) must come out identical in the cache job, every training
+# worker and the export, or cached activations would not match the blocks trained on top of them.
+INIT_SEED = 0
+
+
+@dataclass(frozen=True)
+class FeatureCache:
+    """A finished cache directory and what it holds.
+
+    Attributes:
+        path: the cache directory (`<workdir>/feature_cache/<key>`), parquet parts plus `cache.json`.
+        key: hash of backbone weights, unlocked blocks, preprocessing and the crops snapshot.
+        shape: shape of one row's activations (tokens × width for k ≥ 1, feature_dim for k = 0).
+        rows: labelled crops cached.
+        errors: crops that could not be decoded (kept as rows with an `error` and no features).
+        unlocked_blocks: the boundary: activations entering the first of the top k blocks.
+        fingerprint: weights fingerprint of the encoder that produced it.
+        reused: True when an existing cache was found instead of computed.
+    """
+
+    path: Path
+    key: str
+    shape: tuple[int, ...]
+    rows: int
+    errors: int
+    unlocked_blocks: int
+    fingerprint: str
+    reused: bool = False
+
+
+def build_encoder(model: ModelConfig) -> StyleEncoder:
+    """Builds the encoder the same way everywhere (cache actors, training workers, export).
+
+    Args:
+        model: the model section of the config.
+    """
+    import torch
+
+    from ootd.encoder import StyleEncoder
+
+    # fork_rng keeps the caller's RNG stream untouched while the build draws from a fixed seed.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(INIT_SEED)
+        return StyleEncoder.from_config(model)
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """A cheap hash of every tensor's name, shape and a strided sample of its values.
+
+    It tells apart two differently initialised or loaded backbones without hashing hundreds of MB.
+    """
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)].to("cpu", torch.float32).contiguous().numpy()
+        digest.update(f"{name}:{tuple(tensor.shape)}".encode())
+        digest.update(sample.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def crops_snapshot(crops_dir: str | Path) -> list[tuple[str, int]]:
+    """(relative path, size) of every parquet file of the crops table: ingest only ever adds files.
+
+    Raises:
+        FileNotFoundError: when the folder holds no parquet files.
+    """
+    root = Path(crops_dir)
+    files = sorted(p for p in root.rglob("*.parquet") if p.is_file()) if root.is_dir() else []
+    if not files:
+        raise FileNotFoundError(f"no crops table at {root}: expected *.parquet files written by `ootd ingest`")
+    return [(str(p.relative_to(root)), p.stat().st_size) for p in files]
+
+
+def cache_key(backbone: str, unlocked_blocks: int, fingerprint: str, preprocess: dict, snapshot: list) -> str:
+    """The cache directory name: any change to weights, boundary, preprocessing or crops gives a new one."""
+    payload = json.dumps(
+        {
+            "format": CACHE_FORMAT,
+            "backbone": backbone,
+            "unlocked_blocks": unlocked_blocks,
+            "fingerprint": fingerprint,
+            "preprocess": preprocess,
+            "crops": snapshot,
+        },
+        sort_keys=True,
+        default=str,
+    )
+    return f"k{unlocked_blocks}-{hashlib.sha256(payload.encode()).hexdigest()[:20]}"
+
+
+def decode_crop(data: bytes) -> Image.Image:
+    """Encoded crop bytes from the crops table → RGB image."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        return image.convert("RGB")
+
+
+def decode_features(blobs: Sequence[bytes], shape: Sequence[int]) -> np.ndarray:
+    """Stacks cached fp16 rows into one (N, *shape) float16 array.
+
+    Raises:
+        ValueError: when a row does not hold exactly one array of `shape`.
+    """
+    expected = int(np.prod(shape)) * 2
+    out = np.empty((len(blobs), *shape), dtype=np.float16)
+    for i, blob in enumerate(blobs):
+        if blob is None or len(blob) != expected:
+            got = None if blob is None else len(blob)
+            raise ValueError(f"cached row {i} holds {got} bytes, expected {expected} for fp16 {tuple(shape)}")
+        out[i] = np.frombuffer(blob, dtype=np.float16).reshape(shape)
+    return out
+
+
+def _schema() -> pa.Schema:
+    import pyarrow as pa
+
+    return pa.schema(
+        [("image_id", pa.string()), ("style", pa.string()), ("features", pa.binary()), ("error", pa.string())]
+    )
+
+
+class BoundaryFeatures:
+    """Ray Data actor: loads the encoder once, turns crop bytes into boundary activations (fp16 bytes)."""
+
+    def __init__(self, model: ModelConfig, unlocked_blocks: int, fingerprint: str, device: str = "cpu"):
+        import pyarrow
+        import torch
+
+        self.torch, self.pa = torch, pyarrow
+        self.schema = _schema()
+        self.device = device
+        self.unlocked_blocks = unlocked_blocks
+        self.encoder = build_encoder(model).to(device).eval()
+        got = weights_fingerprint(self.encoder)
+        if got != fingerprint:
+            raise RuntimeError(
+                f"backbone {model.backbone!r} built with weights {got} in the cache actor but {fingerprint} on the "
+                "driver: its initialisation is not reproducible, so cached activations would not match training"
+            )
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        ids, styles, blobs, errors, images = [], [], [], [], []
+        for image_id, style, crop in zip(batch["image_id"], batch["style"], batch["crop"], strict=True):
+            if style is None:
+                continue  # unlabelled crops never train
+            ids.append(image_id)
+            styles.append(style)
+            try:
+                images.append(decode_crop(crop))
+                errors.append(None)
+            except Exception as exc:  # a corrupt crop loses only itself
+                images.append(None)
+                errors.append(f"crop does not decode: {type(exc).__name__}: {exc}")
+        blobs = [None] * len(ids)
+        good = [i for i, image in enumerate(images) if image is not None]
+        if good:
+            with self.torch.inference_mode():
+                pixels = self.encoder.preprocess([images[i] for i in good]).to(self.device)
+                feats = self.encoder.boundary_features(pixels, self.unlocked_blocks)
+            feats = feats.to("cpu", self.torch.float16).numpy()
+            for row, i in enumerate(good):
+                blobs[i] = feats[row].tobytes()
+        # An explicit schema: an all-null `error` column would otherwise be written with Arrow's null type.
+        return self.pa.table({"image_id": ids, "style": styles, "features": blobs, "error": errors}, schema=self.schema)
+
+
+def probe_encoder(model: ModelConfig, unlocked_blocks: int) -> dict[str, Any]:
+    """Builds the encoder once on the caller to learn its fingerprint, preprocessing and boundary shape.
+
+    Raises:
+        ModelNotAvailable: when the backbone's weights are not on this machine (before any Ray work starts).
+    """
+    import torch
+    from PIL import Image
+
+    encoder = build_encoder(model).eval()
+    encoder.freeze(unlocked_blocks)
+    with torch.inference_mode():
+        pixels = encoder.preprocess([Image.new("RGB", (32, 48), (127, 127, 127))])
+        shape = tuple(encoder.boundary_features(pixels, unlocked_blocks).shape[1:])
+    return {
+        "unlocked_blocks": unlocked_blocks,
+        "fingerprint": weights_fingerprint(encoder),
+        "preprocess": dict(encoder.preprocess_cfg),
+        "shape": shape,
+        "feature_dim": encoder.feature_dim,
+        "embed_dim": encoder.embed_dim,
+    }
+
+
+def build_feature_cache(
+    config: Config,
+    crops_dir: str | Path,
+    workdir: str | Path,
+    *,
+    unlocked_blocks: int | None = None,
+    probe: dict[str, Any] | None = None,
+) -> FeatureCache:
+    """Computes (or finds) the boundary-activation cache of every labelled crop.
+
+    Runs a Ray Data pipeline: read the crops table → actor pool (`BoundaryFeatures`, one encoder per actor) →
+    parquet under `<workdir>/feature_cache/<key>`. The directory appears atomically (written under a temp name,
+    then renamed), so an interrupted run leaves no half cache and a finished one is reused by every later run.
+
+    Args:
+        config: the resolved config (model section; train.num_workers/cpus_per_worker size the actor pool).
+        crops_dir: the crops table folder written by ingest.
+        workdir: root of derived artefacts.
+        unlocked_blocks: the boundary; default `config.model.unlocked_blocks`.
+        probe: `probe_encoder` output when the caller already has it.
+    """
+    import ray
+
+    k = config.model.unlocked_blocks if unlocked_blocks is None else unlocked_blocks
+    snapshot = crops_snapshot(crops_dir)
+    if probe is None or probe.get("unlocked_blocks") != k:
+        probe = probe_encoder(config.model, k)
+    key = cache_key(config.model.backbone, k, probe["fingerprint"], probe["preprocess"], snapshot)
+    root = Path(workdir) / "feature_cache"
+    final = root / key
+    if (final / MANIFEST).exists():
+        cache = read_cache(final)
+        log.info("feature cache %s reused (%d rows)", final, cache.rows)
+        return FeatureCache(**{**asdict(cache), "path": final, "reused": True})
+
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{key}.tmp-{uuid.uuid4().hex[:8]}"
+    use_gpu = gpu_requested(config)
+    started = time.monotonic()
+    try:
+        files = [str(Path(crops_dir).resolve() / name) for name, _ in snapshot]  # exactly what the key hashed
+        ds = ray.data.read_parquet(files).select_columns(["image_id", "style", "crop"])
+        ds = ds.map_batches(
+            BoundaryFeatures,
+            fn_constructor_kwargs={
+                "model": config.model,
+                "unlocked_blocks": k,
+                "fingerprint": probe["fingerprint"],
+                "device": "cuda" if use_gpu else "cpu",
+            },
+            batch_size=max(8, config.train.styles_per_batch * config.train.images_per_style),
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.train.num_workers),
+            num_cpus=config.train.cpus_per_worker,
+            num_gpus=1 if use_gpu else 0,
+        )
+        ds.write_parquet(str(tmp))
+        tmp.mkdir(parents=True, exist_ok=True)  # no labelled crops: Ray writes no file at all
+        rows, errors = _count_rows(tmp)
+        manifest = {
+            "format": CACHE_FORMAT,
+            "key": key,
+            "backbone": config.model.backbone,
+            "unlocked_blocks": k,
+            "fingerprint": probe["fingerprint"],
+            "preprocess": probe["preprocess"],
+            "shape": list(probe["shape"]),
+            "dtype": "float16",
+            "rows": rows,
+            "errors": errors,
+            "crops": {"dir": str(Path(crops_dir).resolve()), "files": snapshot},
+            "seconds": round(time.monotonic() - started, 2),
+        }
+        # The manifest is written last: a directory without it is never trusted.
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not (final / MANIFEST).exists():
+                raise
+            log.info("another job finished feature cache %s first; using it", final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    cache = read_cache(final)
+    log.info("feature cache %s built: %d rows, %d errors, shape %s", final, cache.rows, cache.errors, cache.shape)
+    return cache
+
+
+def read_cache(path: str | Path) -> FeatureCache:
+    """Reads a finished cache's manifest.
+
+    Raises:
+        FileNotFoundError: when `path` is not a finished cache.
+    """
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not manifest_path.exists():
+        raise FileNotFoundError(f"{path} is not a finished feature cache (no {MANIFEST})")
+    meta = json.loads(manifest_path.read_text())
+    if meta.get("format") != CACHE_FORMAT:
+        raise ValueError(f"{path}: cache format {meta.get('format')}, this ootd reads {CACHE_FORMAT}; delete it")
+    return FeatureCache(
+        path=path,
+        key=meta["key"],
+        shape=tuple(meta["shape"]),
+        rows=meta["rows"],
+        errors=meta["errors"],
+        unlocked_blocks=meta["unlocked_blocks"],
+        fingerprint=meta["fingerprint"],
+    )
+
+
+def _count_rows(path: Path) -> tuple[int, int]:
+    import pyarrow.dataset as pads
+
+    files = sorted(path.glob("*.parquet"))
+    if not files:
+        return 0, 0
+    # Only the small `error` column is read back, never the activations.
+    column = pads.dataset([str(f) for f in files], format="parquet").to_table(columns=["error"])["error"]
+    return len(column), len(column) - column.null_count
+
+
+def gpu_requested(config: Config) -> bool:
+    """train.use_gpu: "true", "false", or "auto" = every training worker can get a GPU in this cluster."""
+    if config.train.use_gpu != "auto":
+        return config.train.use_gpu == "true"
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) >= config.train.num_workers

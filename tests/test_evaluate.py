@@ -1,0 +1,238 @@
+"""Evaluation on a crops table built from synthetic outfits with a tiny model: files, values, errors, the job."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ootd.metrics import retrieval_metrics
+
+SPLIT = {"split": "test", "val_fraction": 0.0, "test_fraction": 0.5}
+RETRIEVAL_KEYS = [f"{m}@{k}" for m in ("P", "R", "mAP", "nDCG") for k in (1, 5, 10)] + ["MRR"]
+MISSING_ID = "0" * 63 + "1"  # leading zeros: lands in the test split for any test_fraction > 0
+UNLABELLED_ID = "0" * 62 + "22"
+
+
+def write_crops_table(sample_dir: Path, out: Path) -> Path:
+    """A crops table as ingest would write it, from the synthetic manifest's ground-truth outfit boxes.
+
+    Two extra rows in the test split: one whose source photo is gone, one without a style.
+    """
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    manifest = pd.read_parquet(sample_dir / "manifest.parquet")
+    rows = []
+    for item in manifest.itertuples():
+        path = sample_dir / item.path
+        data = path.read_bytes()
+        box = [int(round(v)) for v in item.outfit_box]
+        with Image.open(io.BytesIO(data)) as image:
+            buf = io.BytesIO()
+            image.convert("RGB").crop(tuple(box)).save(buf, format="JPEG", quality=92)
+        rows.append(
+            {
+                "image_id": hashlib.sha256(data).hexdigest(),
+                "source": str(path.resolve()),
+                "style": item.style,
+                "width": int(item.width),
+                "height": int(item.height),
+                "box": box,
+                "det_score": 1.0,
+                "n_garments": len(item.garment_classes),
+                "fallback": False,
+                "crop": buf.getvalue(),
+            }
+        )
+    rows.append({**rows[0], "image_id": MISSING_ID, "source": str(out / "gone.jpg")})
+    rows.append({**rows[1], "image_id": UNLABELLED_ID, "style": None})
+    crops = out / "crops"
+    crops.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows), crops / "part-0.parquet")
+    return crops
+
+
+def export_tuned_model(tiny_config, out: Path) -> Path:
+    """A tiny model whose top block and head moved away from the shared initial weights, as fine-tuning does."""
+    import torch
+
+    from ootd.feature_cache import build_encoder
+    from ootd.styles import STYLES
+
+    encoder = build_encoder(tiny_config.model)
+    top = encoder.visual.trunk.blocks[-1]
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for param in [*top.parameters(), *encoder.head.parameters()]:
+            param.add_(0.05 * torch.randn(param.shape, generator=gen))
+    return encoder.export(out / "model", labels=STYLES, config=tiny_config, unlocked_blocks=1)
+
+
+@pytest.fixture(scope="module")
+def evaluated(synthetic_set, tiny_config, tmp_path_factory):
+    from ootd.evaluate import evaluate
+
+    root = tmp_path_factory.mktemp("evaluate")
+    crops = write_crops_table(synthetic_set, root)
+    model_dir = export_tuned_model(tiny_config, root)
+    result = evaluate(model_dir, crops, root / "eval", **SPLIT, config=tiny_config, batch_size=16, progress=False)
+    return {"root": root, "crops": crops, "model_dir": model_dir, "out": root / "eval", "result": result}
+
+
+def _test_rows(crops: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    from ootd.splits import split_of
+
+    rows = pq.read_table(crops).to_pylist()
+    return [
+        r for r in rows if r["style"] and r["image_id"] != MISSING_ID and split_of(r["image_id"], 0.0, 0.5) == "test"
+    ]
+
+
+def test_metrics_json_has_four_variants_with_valid_values(evaluated):
+    metrics = json.loads((evaluated["out"] / "metrics.json").read_text())
+    expected_rows = _test_rows(evaluated["crops"])
+    assert metrics["n_images"] == len(expected_rows) == evaluated["result"]["n_images"]
+    assert set(metrics["variants"]) == {"frozen_crop", "frozen_whole", "finetuned_crop", "finetuned_whole"}
+    n_styles = len(metrics["styles"])
+    assert sum(metrics["counts"].values()) == metrics["n_images"]
+    for name, scores in metrics["variants"].items():
+        for key in RETRIEVAL_KEYS:
+            assert 0.0 <= scores[key] <= 1.0, (name, key)
+        assert -1.0 <= scores["silhouette"] <= 1.0
+        matrix = np.array(scores["style_matrix"], dtype=float)
+        assert matrix.shape == (n_styles, n_styles)
+        np.testing.assert_allclose(matrix, matrix.T, atol=1e-9)
+    assert metrics["variants"]["frozen_crop"]["dim"] == 192  # tiny backbone width, no head
+    assert metrics["variants"]["finetuned_crop"]["dim"] == 128
+
+
+def test_unreadable_photo_is_left_out_of_every_variant_and_unlabelled_rows_ignored(evaluated):
+    metrics = json.loads((evaluated["out"] / "metrics.json").read_text())
+    assert metrics["skipped"]["count"] == 1
+    (example,) = metrics["skipped"]["examples"]
+    assert example["image_id"] == MISSING_ID
+    assert example["stage"] == "read" and "gone.jpg" in example["error"]
+    assert "1 image left out" in (evaluated["out"] / "report.md").read_text()
+
+
+def test_variants_use_the_right_model_and_image(evaluated):
+    from PIL import Image
+
+    from ootd.encoder import load
+    from ootd.evaluate import frozen_baseline
+
+    rows = _test_rows(evaluated["crops"])
+    styles = [r["style"] for r in rows]
+    crops = [Image.open(io.BytesIO(r["crop"])).convert("RGB") for r in rows]
+    wholes = [Image.open(r["source"]).convert("RGB") for r in rows]
+    tuned = load(evaluated["model_dir"])
+    frozen = frozen_baseline(evaluated["model_dir"])
+    variants = json.loads((evaluated["out"] / "metrics.json").read_text())["variants"]
+    expected = {
+        "finetuned_crop": tuned.embed(crops),
+        "finetuned_whole": tuned.embed(wholes),
+        "frozen_crop": frozen.embed_features(crops),
+        "frozen_whole": frozen.embed_features(wholes),
+    }
+    for name, vectors in expected.items():
+        want = retrieval_metrics(vectors, styles)
+        for key in ("P@1", "P@10", "mAP@10", "MRR"):
+            assert variants[name][key] == pytest.approx(want[key], abs=1e-6), (name, key)
+
+
+def test_frozen_baseline_is_the_untuned_starting_backbone(evaluated, tiny_config):
+    import torch
+
+    from ootd.encoder import load
+    from ootd.evaluate import frozen_baseline
+    from ootd.feature_cache import build_encoder
+
+    baseline = frozen_baseline(evaluated["model_dir"]).visual.trunk
+    start = build_encoder(tiny_config.model).visual.trunk
+    tuned = load(evaluated["model_dir"]).visual.trunk
+    states = (baseline.state_dict().items(), start.state_dict().values(), tuned.state_dict().values())
+    for (name, a), b, c in zip(*states, strict=True):
+        assert torch.equal(a, b), name
+        if name.startswith("blocks.3."):
+            assert not torch.equal(a, c), f"{name}: baseline must not be the fine-tuned block"
+        elif name.startswith("blocks.0."):
+            assert torch.equal(a, c), name
+
+
+def test_report_plots_and_config_are_written(evaluated):
+    from ootd.config import load_config
+
+    out = evaluated["out"]
+    report = (out / "report.md").read_text()
+    assert report == evaluated["result"]["report"]
+    header = "| variant | P@1 | P@5 | P@10 | mAP@10 | nDCG@10 | MRR | silhouette |"
+    assert header in report and header in evaluated["result"]["table"]
+    for title in ("frozen backbone · outfit crop", "frozen backbone · whole photo", "fine-tuned · outfit crop"):
+        assert f"| {title} | " in report
+    for png in ("style_matrix.png", "precision_at_k.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+        assert f"]({png})" in report
+    saved = load_config(out / "config.yaml")
+    assert saved.train.test_fraction == 0.5 and saved.model.backbone == "tiny"
+
+
+def test_split_too_small_says_so(evaluated, tmp_path):
+    from ootd.evaluate import evaluate
+
+    with pytest.raises(ValueError, match="too small to evaluate.*at least 2 images in each of at least 2 styles"):
+        evaluate(evaluated["model_dir"], evaluated["crops"], tmp_path, split="test", val_fraction=0.0,
+                 test_fraction=0.001, progress=False)  # fmt: skip
+    assert not any(tmp_path.iterdir())
+
+
+def test_bad_inputs_raise_clear_errors(evaluated, tmp_path):
+    from ootd.encoder import ModelNotAvailable
+    from ootd.evaluate import evaluate
+
+    with pytest.raises(FileNotFoundError, match="no crops table"):
+        evaluate(evaluated["model_dir"], tmp_path / "nowhere", tmp_path / "out", progress=False)
+    with pytest.raises(ValueError, match="split must be one of"):
+        evaluate(evaluated["model_dir"], evaluated["crops"], tmp_path / "out", split="holdout", progress=False)
+    with pytest.raises(ModelNotAvailable, match="not an exported ootd model dir"):
+        evaluate(tmp_path, evaluated["crops"], tmp_path / "out", **SPLIT, progress=False)
+
+
+def test_job_main_prints_the_table(evaluated, tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("evaluate_job", Path(__file__).parents[1] / "jobs" / "evaluate.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    argv = ["--model-dir", str(evaluated["model_dir"]), "--crops", str(evaluated["crops"]), "--out", str(tmp_path),
+            "--config", "tiny", "--set", "train.val_fraction=0.0", "--set", "train.test_fraction=0.5",
+            "--no-progress"]  # fmt: skip
+    assert job.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| fine-tuned · outfit crop |" in printed
+    assert json.loads((tmp_path / "metrics.json").read_text())["n_images"] == evaluated["result"]["n_images"]
+    assert job.main([*argv[:6], "--split", "test", "--set", "train.test_fraction=0.001", "--no-progress"]) == 1
+    assert "too small" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_job_under_ray_job_submit(ray_cluster, evaluated, tmp_path):
+    out = tmp_path / "job-eval"
+    proc = ray_cluster.submit_job(
+        "jobs/evaluate.py", "--model-dir", str(evaluated["model_dir"]), "--crops", str(evaluated["crops"]),
+        "--out", str(out), "--config", "tiny", "--set", "train.val_fraction=0.0", "--set", "train.test_fraction=0.5",
+        "--no-progress",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| fine-tuned · whole photo |" in proc.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_images"] == evaluated["result"]["n_images"]

@@ -1,0 +1,323 @@
+"""Fine-tuning: optimizer and schedule, data checks, and real Ray Train runs (DDP job, resume, killed worker)."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import re
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from ootd.config import with_overrides
+from ootd.feature_cache import build_encoder
+from ootd.splits import split_of
+from ootd.train import prepare_data, run_training
+from ootd.train_loop import (
+    _check_compatible,
+    load_trainable,
+    make_optimizer,
+    make_train_module,
+    retrieval_scores,
+    train_step,
+    trainable_state,
+    warmup_cosine,
+)
+from tests.crops_fixture import write_crops_table
+
+# Small batches and a large validation split so the 78-photo fixture gives several steps and a scoreable val set.
+SMALL = [
+    "train.num_workers=2",
+    "train.cpus_per_worker=0.5",
+    "train.styles_per_batch=4",
+    "train.images_per_style=2",
+    "train.val_fraction=0.3",
+    "train.test_fraction=0.0",
+]
+
+
+@pytest.fixture(scope="module")
+def small_crops(synthetic_set, tmp_path_factory) -> Path:
+    return write_crops_table(synthetic_set, tmp_path_factory.mktemp("crops-small"), files=2, unlabelled=3)
+
+
+# ---------------------------------------------------------------- fast: optimizer, schedule, state, data checks
+
+
+def test_optimizer_separates_head_and_backbone_and_skips_decay_on_1d(tiny_config):
+    cfg = with_overrides(tiny_config, ["model.unlocked_blocks=1", "train.weight_decay=0.05"])
+    encoder = build_encoder(cfg.model)
+    opt = make_optimizer(encoder, cfg.train)
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert set(groups) == {"head", "head_no_decay", "backbone", "backbone_no_decay"}
+    assert groups["head"]["lr"] == cfg.train.lr_head and groups["backbone"]["lr"] == cfg.train.lr_backbone
+    assert groups["head"]["weight_decay"] == groups["backbone"]["weight_decay"] == 0.05
+    assert groups["head_no_decay"]["weight_decay"] == groups["backbone_no_decay"]["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 for g in ("head", "backbone") for p in groups[g]["params"])
+    assert all(p.ndim < 2 for g in ("head_no_decay", "backbone_no_decay") for p in groups[g]["params"])
+    # Exactly the trainable parameters, each once.
+    in_opt = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert sorted(in_opt) == sorted(id(p) for p in encoder.parameters() if p.requires_grad)
+    # Head only: no backbone groups at all.
+    frozen = build_encoder(with_overrides(cfg, ["model.unlocked_blocks=0"]).model)
+    assert {g["name"] for g in make_optimizer(frozen, cfg.train).param_groups} == {"head", "head_no_decay"}
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_train_steps_lower_the_loss_and_touch_only_unlocked_weights(tiny_config, bf16):
+    from ootd.losses import make_loss
+
+    cfg = with_overrides(tiny_config, ["model.unlocked_blocks=1", "train.lr_backbone=1e-3"])
+    encoder = build_encoder(cfg.model)
+    before = {name: p.detach().clone() for name, p in encoder.named_parameters()}
+    model = make_train_module(encoder, 1, from_cache=False)
+    opt = make_optimizer(encoder, cfg.train)
+    sched = warmup_cosine(opt, total_steps=100, warmup_fraction=0.0)
+    loss_fn = make_loss("supcon", 0.1, 0.5)
+    rng = np.random.default_rng(0)
+    # Two "styles": reddish and bluish noise images, four of each.
+    images = [
+        Image.fromarray(np.clip(rng.normal(c, 30, (48, 32, 3)), 0, 255).astype(np.uint8))
+        for c in ([200, 60, 60],) * 4 + ([60, 60, 200],) * 4
+    ]
+    pixels, labels = encoder.preprocess(images), torch.tensor([0] * 4 + [1] * 4)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+    model.train()
+    losses = [train_step(model, opt, sched, loss_fn, pixels, labels, autocast) for _ in range(8)]
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < losses[0]
+    changed = {n for n, p in encoder.named_parameters() if not torch.equal(p.detach(), before[n])}
+    trainable = {n for n, p in encoder.named_parameters() if p.requires_grad}
+    assert changed and changed <= trainable
+    assert any(n.startswith("head.") for n in changed) and any(n.startswith("clip.visual.") for n in changed)
+
+
+def test_schedule_warms_up_linearly_then_decays_by_cosine():
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=1.0)
+    sched = warmup_cosine(opt, total_steps=20, warmup_fraction=0.2)
+    lrs = []
+    for _ in range(22):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert lrs[4] == pytest.approx(1.0)
+    assert lrs[12] == pytest.approx(0.5 * (1 + math.cos(math.pi * 8 / 16)))
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:], strict=False))
+    assert lrs[20] == pytest.approx(0.0) and lrs[21] == pytest.approx(0.0)
+
+
+def test_trainable_state_round_trips_and_rejects_another_freeze(tiny_config):
+    cfg = with_overrides(tiny_config, ["model.unlocked_blocks=1"])
+    a, b = build_encoder(cfg.model), build_encoder(cfg.model)
+    with torch.no_grad():
+        for p in a.parameters():
+            if p.requires_grad:
+                p.add_(0.01)
+    state = trainable_state(a)
+    assert state and all(name.startswith(("head.", "clip.visual.")) for name in state)
+    load_trainable(b, state)
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(pa, pb), name
+    other = build_encoder(with_overrides(cfg, ["model.unlocked_blocks=2"]).model)
+    with pytest.raises(RuntimeError, match="does not fit this encoder"):
+        load_trainable(other, state)
+
+
+def test_resuming_with_another_model_config_says_to_pick_a_new_run_name(tiny_config):
+    loop = {"model": tiny_config.model, "labels": ["Chic", "Street"]}
+    state = {"compat": {**_compat_of(tiny_config.model), "unlocked_blocks": 3, "labels": ["Chic", "Street"]}}
+    with pytest.raises(RuntimeError, match="different unlocked_blocks.*train.run_name"):
+        _check_compatible(state, loop)
+
+
+def _compat_of(model):
+    return {
+        "backbone": model.backbone,
+        "head": model.head,
+        "embed_dim": model.embed_dim,
+        "head_hidden": model.head_hidden,
+        "unlocked_blocks": model.unlocked_blocks,
+    }
+
+
+def test_validation_scores_on_a_hand_made_set():
+    emb = np.array([[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9]], dtype=np.float32)
+    perfect = retrieval_scores(emb, np.array([0, 0, 1, 1]))
+    assert perfect["val_p_at_10"] == pytest.approx(1 / 3)  # one relevant among the 3 other items, P@10 over 3
+    assert perfect["val_map_at_10"] == pytest.approx(1.0)
+    assert perfect["val_silhouette"] > 0.8
+    swapped = retrieval_scores(emb, np.array([0, 1, 0, 1]))
+    assert swapped["val_map_at_10"] < perfect["val_map_at_10"]
+
+
+def test_prepare_data_refuses_a_single_style(tiny_config, tmp_path, synthetic_set):
+    crops = write_crops_table(synthetic_set, tmp_path)
+    table = pd.read_parquet(crops)
+    table["style"] = "Chic"
+    for f in crops.glob("*.parquet"):
+        f.unlink()
+    table.to_parquet(crops / "one-style.parquet")
+    with pytest.raises(ValueError, match="at least two styles"):
+        prepare_data(tiny_config, crops, tmp_path / "work")
+
+
+def test_prepare_data_refuses_an_unscoreable_validation_split(tiny_config, tmp_path, synthetic_set):
+    crops = write_crops_table(synthetic_set, tmp_path)
+    cfg = with_overrides(tiny_config, ["train.val_fraction=0.0"])
+    with pytest.raises(ValueError, match="validation split .* no style with two crops"):
+        prepare_data(cfg, crops, tmp_path / "work")
+
+
+def test_prepare_data_needs_a_crops_table(tiny_config, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no crops table"):
+        prepare_data(tiny_config, tmp_path / "nothing", tmp_path / "work")
+
+
+def test_label_map_is_the_sorted_train_styles_and_unlabelled_rows_never_train(tiny_config, small_crops, tmp_path):
+    cfg = with_overrides(tiny_config, [*SMALL, "train.feature_cache=false"])
+    data = prepare_data(cfg, small_crops, tmp_path)
+    table = pd.read_parquet(small_crops)
+    labelled = table[table["style"].notna()]
+    splits = labelled["image_id"].map(lambda i: split_of(i, 0.3, 0.0))
+    assert data.labels == sorted(labelled.loc[splits == "train", "style"].unique())
+    assert data.counts == {"train": int((splits == "train").sum()), "val": int((splits == "val").sum()), "test": 0}
+    assert data.source == "images" and data.payload == "crop"
+
+
+# ---------------------------------------------------------------- slow: real Ray Train runs
+
+
+def _val_p_at_10(encoder_fn, crops: Path, val_fraction: float) -> float:
+    from ootd.metrics import retrieval_metrics
+
+    table = pd.read_parquet(crops)
+    table = table[table["style"].notna()]
+    table = table[table["image_id"].map(lambda i: split_of(i, val_fraction, 0.0)) == "val"]
+    images = [Image.open(io.BytesIO(b)).convert("RGB") for b in table["crop"]]
+    return retrieval_metrics(encoder_fn(images), list(table["style"]), ks=(10,))["P@10"]
+
+
+def _submit(ray_cluster, args: list[str], tries: int = 12):
+    # A freshly started head node answers "No available agent" until its job agent registers.
+    for _ in range(tries - 1):
+        proc = ray_cluster.submit_job(*args)
+        if "No available agent to submit job" not in proc.stderr + proc.stdout:
+            return proc
+        time.sleep(15)
+    return ray_cluster.submit_job(*args)
+
+
+@pytest.mark.slow
+def test_train_job_ddp_exports_a_model_that_beats_the_frozen_backbone(ray_cluster, tmp_path_factory, tiny_config):
+    from ootd.encoder import load
+    from ootd.synthetic import write_sample_data
+
+    # A bigger set than the session fixture so validation P@10 has enough same-style neighbours to mean something.
+    sample = tmp_path_factory.mktemp("sample-24")
+    write_sample_data(sample, per_style=24, seed=3, size=160)
+    work = tmp_path_factory.mktemp("train-job")
+    crops = write_crops_table(sample, work)
+    sets = [*SMALL, "train.styles_per_batch=6", "train.images_per_style=4", "train.epochs=15", "train.run_name=job"]
+    sets += ["train.lr_backbone=1e-4"]  # tiny.yaml's 3e-4 makes the random tiny trunk drift more than it learns
+    args = ["jobs/train.py", "--crops", str(crops), "--config", "tiny", "--workdir", str(work)]
+    for item in sets:
+        args += ["--set", item]
+    proc = _submit(ray_cluster, args)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    found = re.search(r"model dir: (\S+)", proc.stdout)  # progress bars share the job's stdout
+    assert found, proc.stdout[-6000:]
+    model_dir = Path(found.group(1))
+    summary = json.loads((work / "ray_results" / "job" / "summary.json").read_text())
+    assert summary["model_dir"] == str(model_dir) and model_dir.parent == work / "models"
+    assert [h["epoch"] for h in summary["history"]] == list(range(1, 16))
+    assert summary["feature_cache"] and Path(summary["feature_cache"]).parent == work / "feature_cache"
+    # Both DDP workers trained: summed over workers, an epoch sees more rows than one worker's half of the split.
+    train_rows = sum(split_of(i, 0.3, 0.0) == "train" for i in pd.read_parquet(crops)["image_id"])
+    assert all(train_rows / 2 < h["samples"] <= train_rows for h in summary["history"])
+    # Checkpoints are ranked by validation mAP@10: the exported epoch is the best one seen.
+    assert summary["metrics"]["val_map_at_10"] == max(h["val_map_at_10"] for h in summary["history"])
+    # Only the best checkpoints (train.checkpoints_to_keep=2) survive, plus the latest one to resume from.
+    kept = sorted(c for c in (work / "ray_results" / "job").glob("checkpoint_*") if c.is_dir())
+    kept_epochs = {json.loads((c / "history.json").read_text())[-1]["epoch"] for c in kept}
+    assert len(kept) <= 3 and {summary["metrics"]["epoch"], 15} <= kept_epochs
+    assert (work / "ray_results" / "job" / "config.yaml").exists()
+
+    meta = json.loads((model_dir / "ootd_model.json").read_text())
+    assert meta["labels"] == sorted(pd.read_parquet(crops)["style"].unique())
+    assert meta["unlocked_blocks"] == 1 and meta["metrics"]["epoch"] == summary["metrics"]["epoch"]
+    assert meta["config"]["train"]["epochs"] == 15
+
+    tuned = load(model_dir)
+    frozen = build_encoder(tiny_config.model)
+    p_tuned = _val_p_at_10(tuned.embed, crops, 0.3)
+    p_frozen = _val_p_at_10(frozen.embed_features, crops, 0.3)
+    assert p_tuned > p_frozen, (p_tuned, p_frozen)
+    # The job's own validation score is what an independent re-embedding of the exported model gives.
+    assert summary["metrics"]["val_p_at_10"] == pytest.approx(p_tuned, abs=0.02)
+
+
+@pytest.mark.slow
+def test_rerun_with_the_same_run_name_resumes_instead_of_starting_over(ray_session, small_crops, tiny_config, tmp_path):
+    # From images (no cache), so this run also covers the image path of the training loop.
+    cfg = with_overrides(tiny_config, [*SMALL, "train.feature_cache=false", "train.run_name=resume"])
+    first = run_training(with_overrides(cfg, ["train.epochs=1"]), small_crops, workdir=tmp_path)
+    assert [h["epoch"] for h in first["history"]] == [1]
+    assert first["feature_cache"] is None
+
+    second = run_training(with_overrides(cfg, ["train.epochs=3"]), small_crops, workdir=tmp_path)
+    history = second["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    # Epoch 1 comes from the first run; the second run started at epoch 2 from its checkpoint.
+    assert [h["started_at_epoch"] for h in history] == [1, 2, 2]
+    assert history[0] == first["history"][0]
+    assert second["version"] != first["version"]
+    assert Path(second["model_dir"]).is_dir() and Path(first["model_dir"]).is_dir()
+
+    # Re-running the finished run trains nothing more and exports its best checkpoint again.
+    third = run_training(with_overrides(cfg, ["train.epochs=3"]), small_crops, workdir=tmp_path)
+    assert third["history"] == history
+    assert third["metrics"] == second["metrics"] and third["version"] != second["version"]
+
+
+@pytest.mark.slow
+def test_a_killed_training_worker_is_restarted_and_the_run_completes(ray_session, small_crops, tiny_config, tmp_path):
+    cfg = with_overrides(tiny_config, [*SMALL, "train.epochs=3", "train.max_failures=2", "train.run_name=failover"])
+    pid_dir = tmp_path / "pids"
+    pid_dir.mkdir()
+    snapshot = tmp_path / "work" / "ray_results" / "failover" / "checkpoint_manager_snapshot.json"
+    killed: dict[str, int] = {}
+
+    def kill_rank1_after_first_checkpoint() -> None:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and not killed:
+            held = sorted(pid_dir.glob("held-rank1-*"))
+            if held and snapshot.exists():  # epoch 1's checkpoint is registered: a restart can resume from it
+                pid = int(held[0].name.rsplit("-", 1)[1])
+                os.kill(pid, signal.SIGKILL)
+                killed["pid"] = pid
+                (pid_dir / "release").write_text("go")
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_rank1_after_first_checkpoint, daemon=True)
+    killer.start()
+    hooks = {"pid_dir": str(pid_dir), "hold_after_epoch": 1}
+    out = run_training(cfg, small_crops, workdir=tmp_path / "work", hooks=hooks)
+    killer.join(timeout=5)
+    assert killed, "the worker was never killed"
+    rank1_pids = {int(p.stem.split("-")[1]) for p in pid_dir.glob("rank1-*.pid")}
+    assert killed["pid"] in rank1_pids and len(rank1_pids) >= 2  # a new rank-1 process took over
+    assert [h["epoch"] for h in out["history"]] == [1, 2, 3]
+    # The restarted worker group resumed from epoch 1's checkpoint rather than starting over.
+    assert [h["started_at_epoch"] for h in out["history"]] == [1, 2, 2]
+    assert Path(out["model_dir"], "ootd_model.json").exists()
