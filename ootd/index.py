@@ -1,0 +1,300 @@
+"""Index job: crops table → Ray Data embedding actors → Milvus upsert (one writer) → media store → live alias."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ootd.config import Config, save_config
+from ootd.media import MediaStore, check_image_id
+from ootd.styles import STYLES
+
+log = logging.getLogger(__name__)
+
+CROP_COLUMNS = ["image_id", "source", "style", "width", "height", "box", "det_score", "n_garments", "fallback", "crop"]
+# Rows per Milvus upsert from the driver: large enough to amortise the RPC, small enough to stream.
+UPSERT_ROWS = 512
+MAX_SOURCE_BYTES = 2048  # the store's VARCHAR limit; longer sources become error rows instead of failing a batch
+
+
+class IndexInterrupted(RuntimeError):
+    """An index run stopped before finishing; the live alias was not moved."""
+
+
+def model_info(model_dir: str | Path) -> tuple[str, int]:
+    """(model version, embedding dim) of an exported model dir, read from its `ootd_model.json`.
+
+    Raises:
+        FileNotFoundError: when the dir is not an exported model.
+        ValueError: when the metadata lacks a version or dim.
+    """
+    meta_path = Path(model_dir) / "ootd_model.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{model_dir} is not an exported ootd model dir (no ootd_model.json); "
+                                "train one with `ootd train` or pass the dir `StyleEncoder.export` wrote")
+    meta = json.loads(meta_path.read_text())
+    version, dim = meta.get("version"), meta.get("embed_dim")
+    if not isinstance(version, str) or not version or not isinstance(dim, int):
+        raise ValueError(f"{meta_path}: needs a string `version` and an integer `embed_dim`")
+    return version, dim
+
+
+def absolute_paths(config: Config) -> Config:
+    """The config with relative store/media/workdir paths made absolute against this process's cwd.
+
+    Ray workers and Serve replicas run with other working directories: paths must be fixed by the driver.
+    """
+    from ootd.config import with_overrides
+
+    sets = []
+    uri = config.store.uri
+    if uri and "://" not in uri and not Path(uri).expanduser().is_absolute():
+        sets.append(f"store.uri={Path(uri).expanduser().absolute()}")
+    media = config.store.media
+    if media and ("://" not in media or media.startswith("file://")):
+        local = Path(media.removeprefix("file://")).expanduser()
+        if not local.is_absolute():
+            sets.append(f"store.media={local.absolute()}")
+    if not Path(config.data.workdir).expanduser().is_absolute():
+        sets.append(f"data.workdir={Path(config.data.workdir).expanduser().absolute()}")
+    return with_overrides(config, sets) if sets else config
+
+
+class EmbedCrops:
+    """Ray Data actor: decodes crops, embeds them with the model dir loaded once, and stores the crop bytes.
+
+    Rows that cannot be indexed (undecodable crop, bad id, unknown style) come back with an `error` message and
+    a zero embedding, so one bad row never fails the batch it travels in.
+    """
+
+    def __init__(self, model_dir: str, media_url: str, precision: str, batch_size: int, device: str = "cpu"):
+        from ootd.encoder import load
+
+        self.encoder = load(model_dir, device=device)
+        self.media = MediaStore(media_url)
+        self.precision, self.batch_size = precision, batch_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from PIL import Image
+
+        n = len(batch["image_id"])
+        errors = [""] * n
+        images: list[Image.Image] = []
+        ok_rows: list[int] = []
+        for i in range(n):
+            try:
+                _check_row(batch, i)
+                images.append(_open_rgb(bytes(batch["crop"][i])))
+                ok_rows.append(i)
+            except ValueError as exc:
+                errors[i] = str(exc)
+        embeddings = np.zeros((n, self.encoder.embed_dim), dtype=np.float32)
+        if images:
+            embeddings[ok_rows] = self.encoder.embed(images, batch_size=self.batch_size, precision=self.precision)
+        for i in ok_rows:
+            # Media first: a row that reaches Milvus always has its image.
+            self.media.put(str(batch["image_id"][i]), bytes(batch["crop"][i]))
+        return {
+            "image_id": np.asarray([str(v) for v in batch["image_id"]], dtype=object),
+            "source": np.asarray([_text(v) for v in batch["source"]], dtype=object),
+            "style": np.asarray([_text(v) for v in batch["style"]], dtype=object),
+            "box": np.asarray([_box(v) for v in batch["box"]], dtype=np.int64).reshape(n, 4),
+            "meta": np.asarray([json.dumps(_meta(batch, i)) for i in range(n)], dtype=object),
+            "embedding": embeddings,
+            "error": np.asarray(errors, dtype=object),
+        }
+
+
+def run_index(
+    config: Config,
+    crops_dir: str | Path,
+    model_dir: str | Path,
+    *,
+    out: str | Path | None = None,
+    limit: int | None = None,
+    swap: bool = True,
+    concurrency: int | None = None,
+    num_cpus: float | None = None,
+    batch_size: int = 32,
+    device: str = "cpu",
+    upsert_rows: int = UPSERT_ROWS,
+    fail_after: int | None = None,
+) -> dict[str, Any]:
+    """Embeds every crop with one model and makes the result the live collection.
+
+    Crops are read and embedded by a Ray Data actor pool (the model dir loaded once per actor); the driver
+    iterates the embedded stream and upserts it in batches into `ootd_<version>`, because an embedded Milvus Lite
+    file accepts one process only. The alias moves only after every row is written, so an interrupted run leaves
+    the previous collection serving. Re-running upserts by id: no duplicates.
+
+    Args:
+        config: the resolved config (store, model precision, data.workdir).
+        crops_dir: the crops table folder written by ingest (`*.parquet`).
+        model_dir: an exported model dir.
+        out: where `index_summary.json`, `config.yaml` and `index_errors.parquet` go; default
+            `<workdir>/index/<version>`.
+        limit: index only the first N crops (a smoke run).
+        swap: move the live alias at the end (False leaves the new collection for a later `swap_alias`).
+        concurrency: embedding actors; default `detect.concurrency` (the ingest-time actor pool size).
+        num_cpus: CPUs per embedding actor; default `detect.num_cpus`.
+        batch_size: crops per actor call and per encoder forward pass.
+        device: torch device for the actors (`cuda` reserves one GPU per actor).
+        upsert_rows: rows per Milvus upsert (the driver holds at most about this many rows at once).
+        fail_after: fault injection for drills and tests: raise `IndexInterrupted` once this many rows are
+            written, before the alias moves.
+
+    Returns:
+        The summary also written to `index_summary.json`.
+
+    Raises:
+        FileNotFoundError: when the crops dir has no parquet files or the model dir is not an export.
+        IndexInterrupted: when `fail_after` fired.
+    """
+    import ray
+
+    from ootd.store import MilvusStore
+
+    started = time.monotonic()
+    config = absolute_paths(config)
+    crops_dir, model_dir = Path(crops_dir).absolute(), Path(model_dir).absolute()
+    version, dim = model_info(model_dir)
+    files = sorted(str(p) for p in crops_dir.glob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"no *.parquet files in {crops_dir}: run `ootd ingest` first")
+    out = Path(out).absolute() if out else Path(config.data.workdir) / "index" / version
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / "config.yaml")
+
+    ds = ray.data.read_parquet(files, columns=CROP_COLUMNS, override_num_blocks=min(len(files),
+                                                                                   config.data.num_blocks))
+    if limit is not None:
+        ds = ds.limit(limit)
+    use_gpu = device.startswith("cuda")
+    ds = ds.map_batches(
+        EmbedCrops,
+        fn_constructor_kwargs={"model_dir": str(model_dir), "media_url": config.store.media,
+                               "precision": config.model.precision, "batch_size": batch_size, "device": device},
+        batch_size=batch_size,
+        batch_format="numpy",
+        concurrency=concurrency or config.detect.concurrency,
+        num_cpus=config.detect.num_cpus if num_cpus is None else num_cpus,
+        num_gpus=1 if use_gpu else 0,
+    )
+
+    written, error_rows = 0, []
+    with MilvusStore.from_config(config.store, dim=dim) as store:
+        collection = store.ensure_collection(version)
+        previous = store.live_collection()
+        for batch in ds.iter_batches(batch_size=upsert_rows, batch_format="numpy", prefetch_batches=1):
+            rows, failed = _rows_of(batch)
+            error_rows += failed
+            written += store.upsert(rows, collection=collection)
+            if fail_after is not None and written >= fail_after:
+                raise IndexInterrupted(f"injected failure after {written} rows; alias still on {previous}")
+        moved = False
+        if swap and written:
+            store.swap_alias(collection)
+            moved = True
+        summary = {
+            "model_version": version,
+            "model_dir": str(model_dir),
+            "crops_dir": str(crops_dir),
+            "collection": collection,
+            "previous_live": previous,
+            "live": store.live_collection(),
+            "alias_moved": moved,
+            "written": written,
+            "errors": len(error_rows),
+            "count": store.count(collection=collection),
+            "count_by_style": store.count_by_style(collection=collection),
+            "store": config.store.uri,
+            "media": config.store.media,
+            "seconds": round(time.monotonic() - started, 2),
+            "out": str(out),
+        }
+    if error_rows:
+        _write_errors(error_rows, out / "index_errors.parquet")
+    (out / "index_summary.json").write_text(json.dumps(summary, indent=2))
+    log.info("indexed %d crops into %s (%d errors); live: %s", written, collection, len(error_rows), summary["live"])
+    return summary
+
+
+def _rows_of(batch: dict[str, np.ndarray]) -> tuple[list[dict], list[dict]]:
+    """Milvus rows for the good crops of an embedded batch, error records for the rest."""
+    rows, failed = [], []
+    for i, image_id in enumerate(batch["image_id"]):
+        if batch["error"][i]:
+            failed.append({"source": batch["source"][i], "stage": "index", "error": batch["error"][i],
+                           "image_id": image_id})
+            continue
+        rows.append({"id": image_id, "embedding": batch["embedding"][i], "style": batch["style"][i],
+                     "source": batch["source"][i], "box": [int(v) for v in batch["box"][i]],
+                     "meta": json.loads(batch["meta"][i])})
+    return rows, failed
+
+
+def _write_errors(rows: list[dict], path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pylist(rows, schema=pa.schema([("source", pa.string()), ("stage", pa.string()),
+                                                         ("error", pa.string()), ("image_id", pa.string())]))
+    tmp = path.with_suffix(".tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+
+
+def _check_row(batch: dict[str, np.ndarray], i: int) -> None:
+    """Raises ValueError for a row Milvus would reject, so it becomes an error row instead of failing a batch."""
+    check_image_id(batch["image_id"][i])
+    style = _text(batch["style"][i])
+    if style and style not in STYLES:
+        raise ValueError(f"unknown style {style!r} (known: {', '.join(STYLES)})")
+    if len(_text(batch["source"][i]).encode()) > MAX_SOURCE_BYTES:
+        raise ValueError(f"source longer than {MAX_SOURCE_BYTES} bytes")
+    box = _box(batch["box"][i])
+    if min(box) < 0 or box[2] < box[0] or box[3] < box[1]:
+        raise ValueError(f"bad box {box}: expected x1,y1,x2,y2 with x2>=x1>=0, y2>=y1>=0")
+    crop = batch["crop"][i]
+    if crop is None or len(crop) == 0:
+        raise ValueError("empty crop bytes")
+
+
+def _open_rgb(data: bytes) -> Any:
+    """A crop written by ingest, decoded to RGB; ValueError when it is not a readable image."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise ValueError(f"undecodable crop: {exc}") from None
+
+
+def _text(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+def _box(value: Any) -> list[int]:
+    try:
+        box = [int(v) for v in value]
+    except (TypeError, ValueError):
+        return [0, 0, 0, 0]
+    return box if len(box) == 4 else [0, 0, 0, 0]
+
+
+def _meta(batch: dict[str, np.ndarray], i: int) -> dict[str, Any]:
+    """What Milvus keeps beside the vector: detection facts and the source image size."""
+    return {
+        "width": int(batch["width"][i]),
+        "height": int(batch["height"][i]),
+        "det_score": float(batch["det_score"][i]),
+        "n_garments": int(batch["n_garments"][i]),
+        "fallback": bool(batch["fallback"][i]),
+    }

@@ -1,0 +1,379 @@
+"""HTTP API of the Serve app: FastAPI routes, request limits and parsing, pydantic request/response models."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, Protocol
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi import Path as PathParam
+from fastapi.responses import FileResponse, JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ootd.serve.parsing import (
+    MAX_SOURCE_BYTES,
+    form_item_fields,
+    form_list,
+    image_from,
+    media_type,
+    read_form,
+    read_json,
+    unit_vector,
+    validate,
+)
+from ootd.styles import STYLES
+
+STATIC_DIR = Path(__file__).parent / "static"
+MAX_TOP_K = 100
+MAX_IDS = 1000  # ids in one exclude list / recommend request: keeps the Milvus filter expression bounded
+MAX_JSON_BYTES = 1 << 20
+
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="lowercase hex sha256 of the image bytes")]
+StyleName = Literal[STYLES]  # type: ignore[valid-type]
+TopK = Annotated[int, Field(ge=1, le=MAX_TOP_K, description="number of results")]
+
+
+# -- models -----------------------------------------------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SearchFilters(_Strict):
+    """What every search accepts besides its query."""
+
+    top_k: TopK = 10
+    styles: list[StyleName] | None = Field(None, description="keep only these styles")
+    exclude_ids: list[Sha256] | None = Field(None, max_length=MAX_IDS, description="ids never returned")
+
+
+class SearchRequest(SearchFilters):
+    """JSON search: by an indexed item's id (the item itself is excluded) or by a raw embedding."""
+
+    id: Sha256 | None = None
+    vector: list[Annotated[float, Field(allow_inf_nan=False)]] | None = None
+
+    @model_validator(mode="after")
+    def _one_query(self) -> SearchRequest:
+        if (self.id is None) == (self.vector is None):
+            raise ValueError("give exactly one of `id` or `vector` (or POST multipart/form-data with an `image`)")
+        return self
+
+
+class RecommendRequest(_Strict):
+    """Outfits like the liked ones and unlike the disliked ones."""
+
+    liked: list[Sha256] = Field(min_length=1, max_length=MAX_IDS)
+    disliked: list[Sha256] = Field(default_factory=list, max_length=MAX_IDS)
+    top_k: TopK = 10
+    styles: list[StyleName] | None = None
+    dislike_weight: float = Field(0.5, ge=0.0, le=1.0, description="weight of the disliked mean")
+
+
+class Hit(BaseModel):
+    """One indexed outfit and its cosine similarity to the query."""
+
+    id: str
+    score: float
+    style: str
+    source: str
+    box: list[int]
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+
+class Outfit(BaseModel):
+    """Where the outfit was found in an uploaded photo."""
+
+    box: list[int] = Field(description="x1, y1, x2, y2 in source pixels")
+    det_score: float
+    n_garments: int
+    fallback: bool = Field(description="no garment detected: the whole photo was embedded")
+    width: int
+    height: int
+
+
+class EmbedResponse(BaseModel):
+    """The style embedding of an uploaded photo."""
+
+    embedding: list[float]
+    dim: int
+    model_version: str
+    outfit: Outfit
+
+
+class SearchResponse(BaseModel):
+    """Search results, best first."""
+
+    results: list[Hit]
+    model_version: str
+    query: dict[str, Any]
+
+
+class ItemResponse(BaseModel):
+    """An indexed outfit."""
+
+    id: str
+    style: str
+    source: str
+    box: list[int]
+    meta: dict[str, Any]
+    created_at: int
+    embedding: list[float] | None = None
+
+
+class WriteResponse(BaseModel):
+    """An acknowledged write: it is durable and visible to every later read."""
+
+    id: str
+    model_version: str | None = None
+    style: str | None = None
+    outfit: Outfit | None = None
+    deleted: bool | None = None
+
+
+class Unavailable(RuntimeError):
+    """The app cannot answer right now: no live collection, or it holds another model's vectors."""
+
+
+# -- what the routes need from the app --------------------------------------------------------------------------------
+
+
+class Backend(Protocol):
+    """The deployments behind the routes (implemented by the Ingress deployment)."""
+
+    async def embed(self, image: bytes, want_crop: bool = False) -> dict[str, Any]: ...
+    async def search(self, vector: list[float], filters: SearchFilters, model_version: str | None = None
+                     ) -> dict[str, Any]: ...
+    async def get(self, ids: list[str]) -> list[dict[str, Any]]: ...
+    async def upsert(self, row: dict[str, Any], crop: bytes, model_version: str) -> None: ...
+    async def delete(self, image_id: str) -> bool: ...
+    async def read_image(self, image_id: str) -> bytes | None: ...
+    async def stats(self) -> dict[str, Any]: ...
+    async def ready(self) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    """Limits and switches of the HTTP layer."""
+
+    embed_dim: int = 128
+    api_key: str = ""
+    max_image_bytes: int = 10 << 20
+    max_image_pixels: int = 40_000_000
+
+
+def _form_filters(form: Any) -> SearchFilters:
+    payload: dict[str, Any] = {}
+    top_k = form.get("top_k")
+    if isinstance(top_k, str) and top_k.strip():
+        payload["top_k"] = top_k.strip()
+    for key in ("styles", "exclude_ids"):
+        values = form_list(form, key)
+        if values:
+            payload[key] = values
+    return validate(SearchFilters, payload)
+
+
+def _outfit(result: dict[str, Any]) -> Outfit:
+    return Outfit(**{k: result[k] for k in Outfit.model_fields})
+
+
+def _openapi_body(*schemas: tuple[str, dict[str, Any]]) -> dict[str, Any]:
+    return {"requestBody": {"required": True, "content": {ctype: {"schema": schema} for ctype, schema in schemas}}}
+
+
+_IMAGE_FORM = {"type": "object", "required": ["image"], "properties": {"image": {"type": "string", "format": "binary"}}}
+_SEARCH_FORM = {
+    "type": "object",
+    "required": ["image"],
+    "properties": {
+        "image": {"type": "string", "format": "binary"},
+        "top_k": {"type": "integer", "minimum": 1, "maximum": MAX_TOP_K, "default": 10},
+        "styles": {"type": "string", "description": "comma-separated style names"},
+        "exclude_ids": {"type": "string", "description": "comma-separated ids"},
+    },
+}
+_ITEM_FORM = {
+    "type": "object",
+    "required": ["image"],
+    "properties": {
+        "image": {"type": "string", "format": "binary"},
+        "style": {"type": "string", "enum": ["", *STYLES]},
+        "source": {"type": "string", "maxLength": MAX_SOURCE_BYTES},
+        "meta": {"type": "string", "description": "a JSON object kept with the item"},
+    },
+}
+
+
+# -- the app ----------------------------------------------------------------------------------------------------------
+
+
+def create_api(backend: Backend, settings: ApiSettings) -> FastAPI:
+    """The FastAPI app of the ingress: every route validates, then calls `backend`.
+
+    Args:
+        backend: the deployments behind the routes.
+        settings: size limits, embedding dim and the API key for writes.
+    """
+    api = FastAPI(
+        title="ootd",
+        version="1",
+        description="Outfit photos in, 128-d style embeddings out, style-similar outfits back.",
+    )
+
+    def require_key(request: Request) -> None:
+        if not settings.api_key:
+            return
+        given = request.headers.get("x-api-key")
+        if given is None:
+            raise HTTPException(401, "missing x-api-key header: writes need the API key")
+        if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
+            raise HTTPException(401, "invalid API key in x-api-key")
+
+    async def no_live(call: Any) -> Any:
+        """Awaits a backend call; no live collection or a model/collection mismatch is a 503 with the reason."""
+        try:
+            return await call
+        except Unavailable as exc:
+            raise HTTPException(503, str(exc)) from None
+
+    @api.get("/healthz", tags=["ops"])
+    async def healthz() -> dict[str, str]:
+        """Liveness: the ingress answers."""
+        return {"status": "ok"}
+
+    @api.get("/readyz", tags=["ops"])
+    async def readyz() -> JSONResponse:
+        """Readiness: the model is loaded and Milvus answers (503 otherwise, with the reason)."""
+        state = await backend.ready()
+        return JSONResponse(state, status_code=200 if state.get("ready") else 503)
+
+    @api.post("/v1/embed", response_model=EmbedResponse, tags=["embed"],
+              openapi_extra=_openapi_body(("multipart/form-data", _IMAGE_FORM)))
+    async def embed(request: Request) -> EmbedResponse:
+        """The style embedding of a photo (detect → crop the outfit → encode)."""
+        form = await read_form(request, settings.max_image_bytes)
+        result = await backend.embed(await image_from(form, settings.max_image_bytes, settings.max_image_pixels))
+        return EmbedResponse(embedding=list(result["embedding"]), dim=len(result["embedding"]),
+                             model_version=result["model_version"], outfit=_outfit(result))
+
+    @api.post("/v1/items", response_model=WriteResponse, status_code=201, tags=["items"],
+              openapi_extra=_openapi_body(("multipart/form-data", _ITEM_FORM)))
+    async def add_item(request: Request) -> WriteResponse:
+        """Adds (or replaces) an outfit: its id is the sha256 of the image bytes; the crop is kept."""
+        require_key(request)
+        form = await read_form(request, settings.max_image_bytes)
+        style, source, meta = form_item_fields(form)
+        data = await image_from(form, settings.max_image_bytes, settings.max_image_pixels)
+        image_id = hashlib.sha256(data).hexdigest()
+        result = await backend.embed(data, want_crop=True)
+        meta = {**meta, "outfit": _outfit(result).model_dump(), "model_version": result["model_version"]}
+        row = {"id": image_id, "embedding": list(result["embedding"]), "style": style,
+               "source": source or f"upload:{image_id}", "box": list(result["box"]), "meta": meta}
+        await no_live(backend.upsert(row, result["crop"], result["model_version"]))
+        return WriteResponse(id=image_id, model_version=result["model_version"], style=style,
+                             outfit=_outfit(result))
+
+    @api.get("/v1/items/{item_id}", response_model=ItemResponse, tags=["items"])
+    async def get_item(item_id: Annotated[Sha256, PathParam()], embedding: bool = False) -> ItemResponse:
+        """An indexed outfit (with its embedding when `embedding=true`)."""
+        rows = await no_live(backend.get([item_id]))
+        if not rows:
+            raise HTTPException(404, f"no item with id {item_id}")
+        row = rows[0]
+        return ItemResponse(id=row["id"], style=row["style"], source=row["source"], box=list(row["box"]),
+                            meta=row["meta"] or {}, created_at=row["created_at"],
+                            embedding=[float(v) for v in row["embedding"]] if embedding else None)
+
+    @api.get("/v1/items/{item_id}/image", tags=["items"], response_class=Response,
+             responses={200: {"content": {"image/jpeg": {}}}})
+    async def get_item_image(item_id: Annotated[Sha256, PathParam()]) -> Response:
+        """The stored outfit crop (JPEG)."""
+        data = await backend.read_image(item_id)
+        if data is None:
+            raise HTTPException(404, f"no image for id {item_id}")
+        return Response(data, media_type="image/jpeg", headers={"cache-control": "public, max-age=86400"})
+
+    @api.delete("/v1/items/{item_id}", response_model=WriteResponse, tags=["items"])
+    async def delete_item(item_id: Annotated[Sha256, PathParam()], request: Request) -> WriteResponse:
+        """Removes an outfit from the live collection and its crop from the media store."""
+        require_key(request)
+        if not await no_live(backend.delete(item_id)):
+            raise HTTPException(404, f"no item with id {item_id}")
+        return WriteResponse(id=item_id, deleted=True)
+
+    @api.post("/v1/search", response_model=SearchResponse, tags=["search"], openapi_extra=_openapi_body(
+        ("multipart/form-data", _SEARCH_FORM), ("application/json", SearchRequest.model_json_schema())))
+    async def search(request: Request) -> SearchResponse:
+        """Style-similar outfits for a photo (multipart), an indexed item's id or an embedding (JSON)."""
+        kind = media_type(request)
+        if kind == "multipart/form-data":
+            form = await read_form(request, settings.max_image_bytes)
+            filters = _form_filters(form)
+            result = await backend.embed(await image_from(form, settings.max_image_bytes, settings.max_image_pixels))
+            vector, query = list(result["embedding"]), {"kind": "image", "outfit": _outfit(result).model_dump()}
+            version = result["model_version"]  # the live collection must hold this model's vectors
+        elif kind == "application/json":
+            req: SearchRequest = validate(SearchRequest, await read_json(request, MAX_JSON_BYTES))
+            filters = SearchFilters(top_k=req.top_k, styles=req.styles, exclude_ids=req.exclude_ids)
+            if req.id is not None:
+                rows = await no_live(backend.get([req.id]))
+                if not rows:
+                    raise HTTPException(404, f"no item with id {req.id}")
+                vector, query = [float(v) for v in rows[0]["embedding"]], {"kind": "id", "id": req.id}
+                filters.exclude_ids = [*(filters.exclude_ids or []), req.id]
+            else:
+                vector, query = unit_vector(req.vector, settings.embed_dim), {"kind": "vector"}
+            version = None  # a stored or given vector: searched in whatever collection is live
+        else:
+            raise HTTPException(415, f"expected multipart/form-data (image) or application/json (id or vector), "
+                                     f"got {kind or 'no content type'}")
+        found = await no_live(backend.search(vector, filters, version))
+        return SearchResponse(results=[Hit(**h) for h in found["hits"]], model_version=found["model_version"],
+                              query=query)
+
+    @api.post("/v1/recommend", response_model=SearchResponse, tags=["search"],
+              openapi_extra=_openapi_body(("application/json", RecommendRequest.model_json_schema())))
+    async def recommend(request: Request) -> SearchResponse:
+        """Outfits near the mean of the liked ones and away from the disliked ones (rated ones excluded)."""
+        req: RecommendRequest = validate(RecommendRequest, await read_json(request, MAX_JSON_BYTES))
+        wanted = list(dict.fromkeys([*req.liked, *req.disliked]))
+        rows = {r["id"]: r for r in await no_live(backend.get(wanted))}
+        missing = [i for i in wanted if i not in rows]
+        if missing:
+            raise HTTPException(404, f"unknown ids: {', '.join(missing[:10])}" + (" ..." if len(missing) > 10 else ""))
+        query = _preference_vector([rows[i]["embedding"] for i in req.liked],
+                                   [rows[i]["embedding"] for i in req.disliked], req.dislike_weight)
+        filters = SearchFilters(top_k=req.top_k, styles=req.styles, exclude_ids=wanted)
+        found = await no_live(backend.search(query, filters))
+        return SearchResponse(results=[Hit(**h) for h in found["hits"]], model_version=found["model_version"],
+                              query={"kind": "recommend", "liked": len(req.liked), "disliked": len(req.disliked)})
+
+    @api.get("/v1/stats", tags=["ops"])
+    async def stats() -> dict[str, Any]:
+        """Model version, live collection and item count per style."""
+        return await no_live(backend.stats())
+
+    @api.get("/", include_in_schema=False)
+    async def gallery() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html")
+
+    return api
+
+
+def _preference_vector(liked: list[Any], disliked: list[Any], weight: float) -> list[float]:
+    """mean(liked) − weight·mean(disliked), L2-normalised; 422 when they cancel out."""
+    dim = len(liked[0])
+    mean_liked = [sum(float(v[d]) for v in liked) / len(liked) for d in range(dim)]
+    if disliked and weight > 0:
+        mean_disliked = [sum(float(v[d]) for v in disliked) / len(disliked) for d in range(dim)]
+        mean_liked = [a - weight * b for a, b in zip(mean_liked, mean_disliked, strict=True)]
+    norm = math.sqrt(sum(v * v for v in mean_liked))
+    if not norm > 1e-6:
+        raise HTTPException(422, "the liked and disliked outfits cancel out: no direction to search in")
+    return [v / norm for v in mean_liked]

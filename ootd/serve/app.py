@@ -1,0 +1,360 @@
+"""Ray Serve deployments of ootd (Ingress → Encoder, Index) and the builders `build_app` / `run_app`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+from ootd.config import Config, load_config
+from ootd.index import absolute_paths, model_info
+from ootd.serve.api import ApiSettings, SearchFilters, Unavailable, create_api
+from ootd.serve.pipeline import OutfitPipeline
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "ootd"
+_SERVER_SCHEMES = ("http://", "https://", "tcp://")
+LIVE_TTL_S = 1.0
+
+
+def resolve_model_dir(config: Config, model_dir: str | Path | None, live_version: str | None) -> Path:
+    """The model dir to serve: the explicit one, `serve.model_dir`, or `<workdir>/models/<live version>`.
+
+    Raises:
+        Unavailable: when nothing is given and no collection is live.
+        FileNotFoundError: when the dir is not an exported model.
+    """
+    chosen = str(model_dir or config.serve.model_dir or "")
+    if not chosen:
+        if not live_version:
+            raise Unavailable("no model to serve: no live Milvus collection yet (run `ootd index`) and "
+                              "serve.model_dir is empty")
+        chosen = str(Path(config.data.workdir) / "models" / live_version)
+    path = Path(chosen).expanduser().absolute()
+    model_info(path)  # fails early with the fix when it is not an export
+    return path
+
+
+@serve.deployment
+class Encoder:
+    """Detector + style encoder; concurrent requests are batched into one forward pass."""
+
+    async def __init__(self, config: Config, model_dir: str, index: Any):
+        """Loads the pipeline; without a model dir, asks the Index which model the live collection holds."""
+        live = None if model_dir or config.serve.model_dir else await index.model_version.remote()
+        path = resolve_model_dir(config, model_dir, live)
+        self.pipeline = await asyncio.to_thread(OutfitPipeline, config, path)
+        self.model_dir = str(path)
+        self._embed_batch.set_max_batch_size(config.serve.max_batch_size)
+        self._embed_batch.set_batch_wait_timeout_s(config.serve.batch_wait_timeout_s)
+        log.info("encoder %s ready (model dir %s)", self.pipeline.model_version, path)
+
+    def info(self) -> dict[str, Any]:
+        """The model this replica serves."""
+        return {"model_version": self.pipeline.model_version, "embed_dim": self.pipeline.embed_dim,
+                "model_dir": self.model_dir}
+
+    async def embed(self, image: bytes, want_crop: bool = False) -> dict[str, Any]:
+        """Embeds one photo (batched with concurrent calls)."""
+        return await self._embed_batch((image, want_crop))
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _embed_batch(self, items: list[tuple[bytes, bool]]) -> list[dict[str, Any]]:
+        # Off the event loop, so the next batch fills while this one runs.
+        return await asyncio.to_thread(self.pipeline.run, [i[0] for i in items], [i[1] for i in items])
+
+
+@serve.deployment
+class Index:
+    """Owns the Milvus client: reads, writes, and searches batched into one Milvus call."""
+
+    def __init__(self, config: Config, batched: bool = True, max_batch_size: int = 64):
+        """Connects to Milvus.
+
+        Args:
+            config: the store section (and model.embed_dim) is used.
+            batched: batch concurrent searches (False: one Milvus call per request, the benchmark baseline).
+            max_batch_size: most searches merged into one call.
+        """
+        from ootd.store import MilvusStore
+
+        self.store = MilvusStore.from_config(config.store, dim=config.model.embed_dim)
+        self.batched = batched
+        self._search_batch.set_max_batch_size(max_batch_size)
+        self._live: tuple[float, str | None] = (-1.0, None)
+
+    def model_version(self) -> str | None:
+        """The model version of the live collection."""
+        return self.store.model_version()
+
+    def _live_version(self) -> str | None:
+        """The live model version, re-read at most every LIVE_TTL_S: two alias lookups per search would cost
+        as much as the search. Searches themselves go through the alias, so they never mix versions."""
+        now = time.monotonic()
+        if now - self._live[0] > LIVE_TTL_S:
+            self._live = (now, self.store.model_version())
+        return self._live[1]
+
+    async def search(self, query: dict[str, Any]) -> dict[str, Any]:
+        """Searches the live collection.
+
+        Args:
+            query: `vector`, `top_k`, `styles`, `exclude_ids`, and `model_version` (the model that made the
+                vector, or None for a stored or raw vector).
+
+        Raises:
+            Unavailable: no live collection, or it holds another model's vectors than the query's.
+        """
+        if self.batched:
+            return await self._search_batch(query)
+        return (await asyncio.to_thread(self._search_many, [query]))[0]
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
+    async def _search_batch(self, queries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(self._search_many, queries)
+
+    def _search_many(self, queries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """One Milvus call per distinct filter (one in total when no request filters), top_k trimmed per query."""
+        live = self._live_version()
+        out: list[dict[str, Any]] = [{} for _ in queries]
+        groups: dict[tuple, list[int]] = {}
+        for i, q in enumerate(queries):
+            if live is None:
+                out[i] = {"error": "no live collection: run `ootd index` first"}
+            elif q.get("model_version") and q["model_version"] != live:
+                out[i] = {"error": f"the live collection holds model {live} but the encoder serves "
+                                   f"{q['model_version']}: redeploy the app to serve {live}"}
+            else:
+                key = (tuple(sorted(q.get("styles") or ())), tuple(sorted(q.get("exclude_ids") or ())))
+                groups.setdefault(key, []).append(i)
+        for (styles, exclude), members in groups.items():
+            top_k = max(queries[i]["top_k"] for i in members)
+            vectors = np.asarray([queries[i]["vector"] for i in members], dtype=np.float32)
+            hits = self.store.search(vectors, top_k, styles=list(styles) or None, exclude_ids=list(exclude) or None)
+            for i, found in zip(members, hits, strict=True):
+                out[i] = {"hits": [_hit_dict(h) for h in found[: queries[i]["top_k"]]], "model_version": live}
+        return out
+
+    def get(self, ids: list[str]) -> list[dict[str, Any]] | dict[str, str]:
+        """Rows by id from the live collection (an `error` dict when nothing is live)."""
+        try:
+            rows = self.store.get(ids)
+        except LookupError as exc:
+            return {"error": str(exc)}
+        return [{**r, "embedding": [float(v) for v in r["embedding"]], "box": list(r["box"])} for r in rows]
+
+    def upsert(self, row: dict[str, Any], model_version: str) -> dict[str, Any]:
+        """Writes one row into the live collection if it holds `model_version`'s vectors."""
+        live = self.store.model_version()
+        if live is None:
+            return {"error": "no live collection: run `ootd index` first"}
+        if live != model_version:
+            return {"error": f"the live collection holds model {live}, the encoder serves {model_version}: "
+                             "redeploy the app"}
+        self.store.upsert([row])
+        return {"written": 1}
+
+    def delete(self, image_id: str) -> int | dict[str, str]:
+        """Deletes one id from the live collection; how many rows existed."""
+        try:
+            return self.store.delete([image_id])
+        except LookupError as exc:
+            return {"error": str(exc)}
+
+    def stats(self) -> dict[str, Any]:
+        """Model version, live collection, counts."""
+        live = self.store.live_collection()
+        if live is None:
+            return {"error": "no live collection: run `ootd index` first"}
+        by_style = self.store.count_by_style()
+        return {"model_version": self.store.model_version(), "collection": live, "count": sum(by_style.values()),
+                "count_by_style": by_style, "embed_dim": self.store.dim}
+
+    def ping(self) -> bool:
+        """Whether Milvus answers."""
+        return self.store.ping()
+
+
+def _hit_dict(hit: Any) -> dict[str, Any]:
+    return {"id": hit.id, "score": hit.score, "style": hit.style, "source": hit.source, "box": list(hit.box),
+            "meta": hit.meta}
+
+
+def _checked(result: Any) -> Any:
+    """A deployment's result, or Unavailable for the `error` dicts deployments return for a missing collection."""
+    if isinstance(result, dict) and "error" in result:
+        raise Unavailable(result["error"])
+    return result
+
+
+@serve.deployment
+@serve.ingress()
+class Ingress:
+    """HTTP front: validation, limits, decoding (see `ootd.serve.api`); work goes to Encoder and Index."""
+
+    def __init__(self, config: Config, encoder: Any, index: Any):
+        from ootd.media import MediaStore
+
+        self.config, self.encoder, self.index = config, encoder, index
+        self.media = MediaStore(config.store.media)
+        self.settings = ApiSettings(embed_dim=config.model.embed_dim, api_key=config.serve.api_key,
+                                    max_image_bytes=config.serve.max_image_bytes,
+                                    max_image_pixels=config.data.max_image_pixels)
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return create_api(self, self.settings)
+
+    async def embed(self, image: bytes, want_crop: bool = False) -> dict[str, Any]:
+        result = await self.encoder.embed.remote(image, want_crop)
+        if "error" in result:  # the ingress checked only the header: corrupt pixel data surfaces here
+            from fastapi import HTTPException
+
+            raise HTTPException(400, result["error"])
+        return result
+
+    async def search(self, vector: list[float], filters: SearchFilters, model_version: str | None = None
+                     ) -> dict[str, Any]:
+        query = {"vector": vector, "top_k": filters.top_k, "styles": filters.styles,
+                 "exclude_ids": filters.exclude_ids, "model_version": model_version}
+        return _checked(await self.index.search.remote(query))
+
+    async def get(self, ids: list[str]) -> list[dict[str, Any]]:
+        return _checked(await self.index.get.remote(ids))
+
+    async def upsert(self, row: dict[str, Any], crop: bytes, model_version: str) -> None:
+        # Crop first: an item Milvus acknowledges always has its image.
+        await asyncio.to_thread(self.media.put, row["id"], crop)
+        _checked(await self.index.upsert.remote(row, model_version))
+
+    async def delete(self, image_id: str) -> bool:
+        existed = _checked(await self.index.delete.remote(image_id))
+        had_image = await asyncio.to_thread(self.media.delete, image_id)
+        return bool(existed) or had_image
+
+    async def read_image(self, image_id: str) -> bytes | None:
+        try:
+            return await asyncio.to_thread(self.media.get, image_id)
+        except KeyError:
+            return None
+
+    async def stats(self) -> dict[str, Any]:
+        return _checked(await self.index.stats.remote())
+
+    async def ready(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"ready": False}
+        try:
+            info = await asyncio.wait_for(self.encoder.info.remote(), timeout=10)
+            state["model_version"] = info["model_version"]
+        except Exception as exc:
+            state["reason"] = f"encoder not ready: {exc}"
+            return state
+        try:
+            ok = await asyncio.wait_for(self.index.ping.remote(), timeout=10)
+            live = await asyncio.wait_for(self.index.model_version.remote(), timeout=10)
+        except Exception as exc:
+            state["reason"] = f"index not ready: {exc}"
+            return state
+        state["live_model_version"] = live
+        if not ok:
+            state["reason"] = "Milvus does not answer"
+        elif live != info["model_version"]:
+            state["reason"] = f"the live collection holds model {live}, the encoder serves {info['model_version']}"
+        else:
+            state["ready"] = True
+        return state
+
+
+def index_batch_size(config: Config) -> int:
+    """Most searches the Index merges into one Milvus call (vectors are small; Milvus handles many at once)."""
+    return max(64, 4 * config.serve.max_batch_size)
+
+
+def deployment_options(config: Config) -> dict[str, dict[str, Any]]:
+    """Serve options of each deployment from the `serve` and `store` sections.
+
+    The Encoder autoscales between `serve.min_replicas` and `serve.max_replicas`; the Index is exactly one replica
+    on a Milvus Lite file (one process may open it) and autoscales the same way against a Milvus server.
+    """
+    s = config.serve
+    autoscaling = {"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
+                   "target_ongoing_requests": s.target_ongoing_requests}
+    index: dict[str, Any] = {"ray_actor_options": {"num_cpus": s.index_num_cpus},
+                             "max_ongoing_requests": 2 * index_batch_size(config)}
+    if config.store.uri.startswith(_SERVER_SCHEMES):
+        index["autoscaling_config"] = {**autoscaling, "min_replicas": max(1, s.min_replicas)}
+    else:
+        index["num_replicas"] = 1
+    return {
+        "Index": index,
+        # max_ongoing_requests: one batch running and one filling per replica.
+        "Encoder": {"ray_actor_options": {"num_cpus": s.encoder_num_cpus}, "max_ongoing_requests":
+                    2 * s.max_batch_size, "autoscaling_config": autoscaling},
+        # The ingress only awaits the others: many requests in flight cost it little.
+        "Ingress": {"ray_actor_options": {"num_cpus": s.ingress_num_cpus}, "max_ongoing_requests": 256},
+    }
+
+
+def make_app(config: Config, *, model_dir: str | Path | None = None, batch_search: bool = True) -> Any:
+    """Binds the three deployments for `config`.
+
+    Args:
+        config: the resolved config; relative paths are resolved against this process's cwd.
+        model_dir: the model to serve; default `serve.model_dir`, else the live collection's model.
+        batch_search: merge concurrent searches into one Milvus call (False: one call per request).
+
+    Returns:
+        A Serve `Application` for `serve.run`.
+    """
+    config = absolute_paths(config)
+    options = deployment_options(config)
+    chosen = str(Path(model_dir).expanduser().absolute()) if model_dir else ""
+    index = Index.options(**options["Index"]).bind(config, batch_search, index_batch_size(config))
+    encoder = Encoder.options(**options["Encoder"]).bind(config, chosen, index)
+    return Ingress.options(**options["Ingress"]).bind(config, encoder, index)
+
+
+def build_app(args: dict[str, Any]) -> Any:
+    """Application builder for `serve run` / `serve deploy` (`import_path: ootd.serve.app:build_app`).
+
+    Args:
+        args: `config` (built-in name or YAML path, default `default`), `overrides` (list of `section.key=value`
+            or one comma-separated string), `model_dir` (optional), `batch_search` (default true).
+    """
+    overrides = args.get("overrides") or []
+    if isinstance(overrides, str):
+        overrides = [o for o in overrides.split(",") if o.strip()]
+    config = load_config(args.get("config") or "default", overrides)
+    batch = args.get("batch_search", True)
+    if isinstance(batch, str):
+        batch = batch.strip().lower() not in ("0", "false", "no", "off")
+    return make_app(config, model_dir=args.get("model_dir") or None, batch_search=bool(batch))
+
+
+def run_app(
+    config: Config,
+    *,
+    config_source: str = "default",
+    overrides: Sequence[str] = (),
+    model_dir: str | Path | None = None,
+    batch_search: bool = True,
+) -> str:
+    """Starts Serve on `serve.host:serve.port` of the connected cluster and deploys the app; returns its URL.
+
+    Args:
+        config: the resolved config.
+        config_source: the config name or path it came from (logged, so the deployment can be reproduced).
+        overrides: the overrides applied to it (logged).
+        model_dir: the model to serve (see `make_app`).
+        batch_search: see `make_app`.
+    """
+    log.info("deploying ootd (config %s, overrides %s)", config_source, list(overrides))
+    serve.start(http_options={"host": config.serve.host, "port": config.serve.port})
+    serve.run(make_app(config, model_dir=model_dir, batch_search=batch_search), name=APP_NAME, route_prefix="/")
+    return f"http://{config.serve.host}:{config.serve.port}"

@@ -1,0 +1,169 @@
+"""Request parsing for the HTTP API: size-capped bodies, content types, multipart forms, uploads, JSON, vectors."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from typing import Any
+
+from fastapi import HTTPException, Request
+from pydantic import BaseModel, ValidationError
+
+from ootd.styles import STYLES
+
+MAX_SOURCE_BYTES = 2048  # the store's VARCHAR limit
+MAX_META_BYTES = 65_536  # Milvus' JSON field limit
+FORM_OVERHEAD = 64 << 10  # multipart boundaries and text fields beside the image
+IMAGE_TYPES = ("image/", "application/octet-stream")
+
+
+def check_upload(data: bytes, max_pixels: int) -> None:
+    """Identifies uploaded bytes as an image from its header, without decoding the pixels.
+
+    Cheap enough for the single ingress: the full decode (`ootd.decode.decode`, as ingest does it) runs once, in
+    the Encoder, and a file that is truncated past its header comes back from there as a 400 too.
+
+    Raises:
+        HTTPException: 400 for empty bytes or a non-image, 413 for more pixels than `max_pixels`.
+    """
+    from ootd.decode import InputError, probe
+
+    if not data:
+        raise HTTPException(400, "the image is empty (0 bytes)")
+    try:
+        header = probe(data, sys.maxsize)  # identify first: a pixel bomb is "too large", not "undecodable"
+    except InputError as exc:
+        raise HTTPException(400, f"could not decode the upload as an image: {exc}") from None
+    if header.width * header.height > max_pixels:
+        raise HTTPException(413, f"image is {header.width}x{header.height} = {header.width * header.height:,} "
+                                 f"pixels; the limit is {max_pixels:,}")
+
+
+def media_type(request: Request) -> str:
+    """The request's content type without parameters, lower case ("" when absent)."""
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+async def read_body(request: Request, limit: int, what: str) -> bytes:
+    """The request body; 413 as soon as it passes `limit` bytes (declared or streamed), 400 when empty."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise HTTPException(400, f"bad content-length header {declared!r}")
+        if int(declared) > limit:
+            raise HTTPException(413, f"{what} is {int(declared):,} bytes; the limit is {limit:,}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPException(413, f"{what} is over the limit of {limit:,} bytes")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    if not body:
+        raise HTTPException(400, "the request body is empty")
+    return body
+
+
+async def read_form(request: Request, max_image_bytes: int) -> Any:
+    """Parses a size-capped multipart body; 415 when the request is not multipart/form-data."""
+    if media_type(request) != "multipart/form-data":
+        raise HTTPException(415, f"expected multipart/form-data with an `image` file, got "
+                                 f"{media_type(request) or 'no content type'}")
+    body = await read_body(request, max_image_bytes + FORM_OVERHEAD, "the upload")
+    sent = False
+
+    async def replay() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        # A fresh Request over the capped bytes: starlette's parser never reads past what we allowed.
+        return await Request(request.scope, replay).form(max_files=1, max_fields=16)
+    except HTTPException as exc:
+        raise HTTPException(400, f"malformed multipart/form-data body: {exc.detail}") from None
+    except Exception as exc:  # starlette raises MultiPartException and others for malformed forms
+        raise HTTPException(400, f"malformed multipart/form-data body: {exc}") from None
+
+
+async def image_from(form: Any, max_image_bytes: int, max_pixels: int) -> bytes:
+    """The bytes of the form's `image` file, checked for type, size and decodability.
+
+    Raises:
+        HTTPException: 422 missing part, 415 non-image part type, 413 too large, 400 not an image.
+    """
+    upload = form.get("image")
+    if upload is None or isinstance(upload, str):
+        raise HTTPException(422, "missing form field `image` (a file part with the photo)")
+    ctype = (upload.content_type or "").lower()
+    if ctype and not ctype.startswith(IMAGE_TYPES):
+        raise HTTPException(415, f"the `image` part has content type {ctype}; send image/jpeg, image/png, ...")
+    data = await upload.read()
+    if len(data) > max_image_bytes:
+        raise HTTPException(413, f"image is {len(data):,} bytes; the limit is {max_image_bytes:,}")
+    check_upload(data, max_pixels)
+    return data
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """The parsed JSON body; 415 for another content type, 422 for malformed JSON."""
+    if media_type(request) != "application/json":
+        raise HTTPException(415, f"expected application/json, got {media_type(request) or 'no content type'}")
+    body = await read_body(request, limit, "the JSON body")
+    try:
+        return json.loads(body, parse_constant=_no_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
+        raise HTTPException(422, f"malformed JSON: {exc}") from None
+
+
+def validate(model: type[BaseModel], payload: Any) -> Any:
+    """The payload as `model`; 422 listing each problem (without echoing the input, which may be huge)."""
+    try:
+        return model.model_validate(payload)
+    except ValidationError as exc:
+        errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+        raise HTTPException(422, errors) from None
+
+
+def form_list(form: Any, key: str) -> list[str] | None:
+    """A list field sent as repeated form fields and/or comma-separated values."""
+    values = [v.strip() for raw in form.getlist(key) if isinstance(raw, str) for v in raw.split(",")]
+    return [v for v in values if v] or None
+
+
+def form_item_fields(form: Any) -> tuple[str, str, dict[str, Any]]:
+    """(style, source, meta) of an item upload; 422 for an unknown style, long source or bad meta JSON."""
+    style = form.get("style") or ""
+    if not isinstance(style, str) or (style and style not in STYLES):
+        raise HTTPException(422, f"unknown style {style!r}; known: {', '.join(STYLES)} (or leave it empty)")
+    source = form.get("source") or ""
+    if not isinstance(source, str) or len(source.encode()) > MAX_SOURCE_BYTES:
+        raise HTTPException(422, f"`source` must be text of at most {MAX_SOURCE_BYTES} bytes")
+    raw_meta = form.get("meta") or "{}"
+    if not isinstance(raw_meta, str) or len(raw_meta.encode()) > MAX_META_BYTES // 2:
+        # Half the field limit: the server adds the outfit box and model version beside it.
+        raise HTTPException(422, f"`meta` must be a JSON object of at most {MAX_META_BYTES // 2} bytes")
+    try:
+        meta = json.loads(raw_meta, parse_constant=_no_constant)
+    except (json.JSONDecodeError, ValueError) as exc:
+        raise HTTPException(422, f"`meta` is not valid JSON: {exc}") from None
+    if not isinstance(meta, dict):
+        raise HTTPException(422, f"`meta` must be a JSON object, got {type(meta).__name__}")
+    return style, source, meta
+
+
+def unit_vector(vector: list[float], dim: int) -> list[float]:
+    """The query vector L2-normalised; 422 for a wrong length or a zero vector."""
+    if len(vector) != dim:
+        raise HTTPException(422, f"`vector` must have {dim} numbers (the model's embedding dim), got {len(vector)}")
+    norm = math.sqrt(sum(v * v for v in vector))
+    if not norm > 1e-12:
+        raise HTTPException(422, "`vector` is all zeros: cosine similarity is undefined")
+    return [v / norm for v in vector]
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
