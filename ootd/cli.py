@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -20,11 +20,11 @@ app = typer.Typer(
 
 ConfigOpt = Annotated[str, typer.Option("--config", "-c", help="Built-in config (default, tiny) or a YAML path.")]
 SetOpt = Annotated[
-    Optional[list[str]],  # noqa: UP007 - typer needs the typing form
+    list[str] | None,
     typer.Option("--set", "-s", help="Override one key: --set train.lr_head=1e-4 (repeatable)."),
 ]
 AddressOpt = Annotated[
-    Optional[str],  # noqa: UP007
+    str | None,
     typer.Option("--address", help="Ray cluster address; default: RAY_ADDRESS, else a local Ray instance."),
 ]
 
@@ -87,19 +87,24 @@ def sample_data(
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/sample"),
     per_style: Annotated[int, typer.Option(min=1, help="Photos per style.")] = 20,
     seed: Annotated[int, typer.Option(help="Same seed, byte-identical output.")] = 0,
-    size: Annotated[int, typer.Option(min=64, help="Image side in pixels.")] = 256,
+    size: Annotated[int, typer.Option(min=96, help="Image side in pixels.")] = 256,
+    overwrite: Annotated[bool, typer.Option(help="Replace an earlier sample set in --out.")] = False,
 ) -> None:
     """Write synthetic outfit photos: folder per style, a YOLO dataset and a manifest."""
     from ootd.synthetic import write_sample_data
 
-    _print_json(write_sample_data(out, per_style=per_style, seed=seed, size=size))
+    try:
+        summary = write_sample_data(out, per_style=per_style, seed=seed, size=size, overwrite=overwrite)
+    except FileExistsError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--out") from exc
+    _print_json(summary)
 
 
 @app.command()
 def ingest(
     source: Annotated[str, typer.Option(help="Folder with one sub-folder per style, or a manifest csv/parquet.")],
-    out: Annotated[Optional[Path], typer.Option(help="Output folder; default: data.workdir.")] = None,  # noqa: UP007
-    limit: Annotated[Optional[int], typer.Option(help="Only the first N inputs.")] = None,  # noqa: UP007
+    out: Annotated[Path | None, typer.Option(help="Output folder; default: data.workdir.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N inputs.")] = None,
     config: ConfigOpt = "default",
     overrides: SetOpt = None,
     address: AddressOpt = None,
@@ -116,7 +121,9 @@ def ingest(
 def train_detector(
     data: Annotated[Path, typer.Option(help="YOLO data.yaml (e.g. K-Fashion converted, or sample-data's yolo/).")],
     out: Annotated[Path, typer.Option(help="Output folder for weights and metrics.")] = Path("runs/detector"),
-    model: Annotated[str, typer.Option(help="Ultralytics architecture yaml or weights to start from.")] = "yolo11n.yaml",
+    model: Annotated[str, typer.Option(help="Ultralytics architecture yaml or weights to start from.")] = (
+        "yolo11n.yaml"
+    ),
     epochs: Annotated[int, typer.Option(min=1)] = 30,
     imgsz: Annotated[int, typer.Option(min=32)] = 256,
     batch: Annotated[int, typer.Option(min=1)] = 16,
@@ -126,13 +133,14 @@ def train_detector(
     """Train a YOLO garment detector; reports mAP50 and median outfit-box IoU on the val split."""
     from ootd.detector_training import train_detector as run
 
-    _print_json(run(data.resolve(), out, model=model, epochs=epochs, imgsz=imgsz, batch=batch, device=device, seed=seed))
+    metrics = run(data.resolve(), out, model=model, epochs=epochs, imgsz=imgsz, batch=batch, device=device, seed=seed)
+    _print_json(metrics)
 
 
 @app.command()
 def train(
     crops: Annotated[Path, typer.Option(help="Crops table folder written by `ootd ingest`.")],
-    workdir: Annotated[Optional[Path], typer.Option(help="Default: data.workdir.")] = None,  # noqa: UP007
+    workdir: Annotated[Path | None, typer.Option(help="Default: data.workdir.")] = None,
     config: ConfigOpt = "default",
     overrides: SetOpt = None,
     address: AddressOpt = None,
@@ -149,7 +157,7 @@ def train(
 def evaluate(
     model_dir: Annotated[Path, typer.Option(help="Exported model dir.")],
     crops: Annotated[Path, typer.Option(help="Crops table folder.")],
-    out: Annotated[Optional[Path], typer.Option(help="Default: <model_dir>/eval.")] = None,  # noqa: UP007
+    out: Annotated[Path | None, typer.Option(help="Default: <model_dir>/eval.")] = None,
     split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
     config: ConfigOpt = "default",
     overrides: SetOpt = None,
@@ -160,7 +168,7 @@ def evaluate(
     cfg = _config(config, overrides)
     result = run(
         model_dir, crops, out or model_dir / "eval", split=split,
-        val_fraction=cfg.train.val_fraction, test_fraction=cfg.train.test_fraction,
+        val_fraction=cfg.train.val_fraction, test_fraction=cfg.train.test_fraction, config=cfg,
     )  # fmt: skip
     typer.echo(result.get("report", json.dumps(result, indent=2, default=str)))
 
@@ -185,7 +193,7 @@ def index(
 def serve(
     config: ConfigOpt = "default",
     overrides: SetOpt = None,
-    model_dir: Annotated[Optional[Path], typer.Option(help="Default: the live collection's model.")] = None,  # noqa: UP007
+    model_dir: Annotated[Path | None, typer.Option(help="Default: the live collection's model.")] = None,
     address: AddressOpt = None,
 ) -> None:
     """Deploy the Serve app (ingress, autoscaled encoder, Milvus index) and keep it up until Ctrl-C."""
@@ -215,7 +223,7 @@ def search(
     image: Annotated[Path, typer.Argument(help="Photo to search with.")],
     url: Annotated[str, typer.Option(help="Base URL of a running ootd server.")] = "http://127.0.0.1:8000",
     top_k: Annotated[int, typer.Option(min=1, max=100)] = 10,
-    style: Annotated[Optional[list[str]], typer.Option(help="Only these styles (repeatable).")] = None,  # noqa: UP007
+    style: Annotated[list[str] | None, typer.Option(help="Only these styles (repeatable).")] = None,
 ) -> None:
     """Search a running server with a photo and print the style-similar outfits."""
     import requests
@@ -234,7 +242,7 @@ def search(
 
 @app.command()
 def demo(
-    images: Annotated[Optional[Path], typer.Option(help="Your own folder-per-style photos.")] = None,  # noqa: UP007
+    images: Annotated[Path | None, typer.Option(help="Your own folder-per-style photos.")] = None,
     config: ConfigOpt = "default",
     overrides: SetOpt = None,
     workdir: Annotated[Path, typer.Option(help="Where everything is written.")] = Path("runs/demo"),
