@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import enum
 import json
 import logging
 import os
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 
@@ -38,6 +41,39 @@ def _config(name: str, overrides: list[str] | None):
         raise typer.BadParameter(str(exc), param_hint="--config/--set") from exc
 
 
+class Split(str, enum.Enum):
+    train = "train"
+    val = "val"
+    test = "test"
+
+
+def _fail(message: str) -> NoReturn:
+    """A bad input or missing file: one line on stderr, exit code 2, no traceback."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+@contextlib.contextmanager
+def _user_errors() -> Iterator[None]:
+    """Turns the library's input errors (missing files, bad values, unavailable models) into `_fail`."""
+    from ootd.backbones import ModelNotAvailable
+
+    try:
+        yield
+    except (FileNotFoundError, FileExistsError, ValueError, ConnectionError, ModelNotAvailable) as exc:
+        _fail(str(exc))
+
+
+def _warn_if_relative(**paths: str | Path | None) -> None:
+    """Under `ray job submit` the entrypoint runs in Ray's copy of the working dir, so relative paths land there."""
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:
+        return
+    for name, value in paths.items():
+        if value and "://" not in str(value) and not Path(value).expanduser().is_absolute():
+            logging.getLogger("ootd").warning("%s=%s is relative to the job's copy of the repo (%s): pass absolute "
+                                              "paths or shared storage", name, value, Path.cwd())
+
+
 def _connect_ray(address: str | None) -> None:
     """Joins the given cluster, the one RAY_ADDRESS names, or starts a local instance."""
     import ray
@@ -59,7 +95,7 @@ def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug 
         datefmt="%H:%M:%S",
     )
     # Libraries that narrate their own start-up at INFO; their warnings still show.
-    for noisy in ("faiss", "faiss.loader", "milvus_lite", "grpc._server"):
+    for noisy in ("faiss", "faiss.loader", "milvus_lite"):
         logging.getLogger(noisy).setLevel(logging.WARNING if not verbose else logging.DEBUG)
 
 
@@ -102,9 +138,12 @@ def sample_data(
 
 @app.command()
 def ingest(
-    source: Annotated[str, typer.Option(help="Folder with one sub-folder per style, or a manifest csv/parquet.")],
-    out: Annotated[Path | None, typer.Option(help="Output folder; default: data.workdir.")] = None,
-    limit: Annotated[int | None, typer.Option(help="Only the first N inputs.")] = None,
+    source: Annotated[str | None, typer.Option(
+        help="Folder with one sub-folder per style, or a csv/parquet manifest (path[, style]); default: data.source."
+    )] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder for crops/, errors/ and the summary; default: "
+                                                  "data.workdir.")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Only the first N inputs (in path order).")] = None,
     config: ConfigOpt = "default",
     overrides: SetOpt = None,
     address: AddressOpt = None,
@@ -113,52 +152,98 @@ def ingest(
     from ootd.ingest import run_ingest
 
     cfg = _config(config, overrides)
+    source = source or cfg.data.source
+    if not source:
+        _fail("no input: pass --source or set data.source")
+    out = out or Path(cfg.data.workdir)
+    _warn_if_relative(source=source, out=out)
     _connect_ray(address)
-    _print_json(run_ingest(cfg, source, out or Path(cfg.data.workdir), limit=limit))
+    with _user_errors():
+        _print_json(run_ingest(cfg, source, out, limit=limit))
 
 
 @app.command("train-detector")
 def train_detector(
     data: Annotated[Path, typer.Option(help="YOLO data.yaml (e.g. K-Fashion converted, or sample-data's yolo/).")],
     out: Annotated[Path, typer.Option(help="Output folder for weights and metrics.")] = Path("runs/detector"),
-    model: Annotated[str, typer.Option(help="Ultralytics architecture yaml or weights to start from.")] = (
-        "yolo11n.yaml"
-    ),
-    epochs: Annotated[int, typer.Option(min=1)] = 30,
-    imgsz: Annotated[int, typer.Option(min=32)] = 256,
+    model: Annotated[str, typer.Option(
+        help="Architecture YAML (random init; bare names are also looked up in ootd/assets) or a local .pt to "
+        "fine-tune. Nothing is downloaded."
+    )] = "yolo11n.yaml",
+    epochs: Annotated[int, typer.Option(min=1)] = 60,
+    imgsz: Annotated[int | None, typer.Option(min=32, help="Default: detect.imgsz.")] = None,
     batch: Annotated[int, typer.Option(min=1)] = 16,
-    device: Annotated[str, typer.Option(help="cpu, 0, 0,1 ...")] = "cpu",
+    device: Annotated[str | None, typer.Option(help="cpu, 0, cuda:0; default: detect.device.")] = None,
+    workers: Annotated[int, typer.Option(min=0, help="Dataloader workers (0: load in the training process).")] = 0,
     seed: int = 0,
+    cache: Annotated[bool, typer.Option(help="Cache decoded images in RAM (faster, not bit-reproducible).")] = False,
+    threads: Annotated[int | None, typer.Option(min=1, help="Torch threads; default: as the process has.")] = None,
+    ray_task: Annotated[bool, typer.Option("--ray/--no-ray", help="Train in a Ray task (any node) or here.")] = True,
+    num_cpus: Annotated[float, typer.Option(min=0, help="CPUs the Ray task reserves.")] = 1.0,
+    num_gpus: Annotated[float | None, typer.Option(min=0, help="GPUs the Ray task reserves; default: 1 unless "
+                                                              "the device is cpu.")] = None,
+    config: ConfigOpt = "default",
+    overrides: SetOpt = None,
+    address: AddressOpt = None,
 ) -> None:
     """Train a YOLO garment detector; reports mAP50 and median outfit-box IoU on the val split."""
-    from ootd.detector_training import train_detector as run
+    from ootd import detector_training
+    from ootd.config import save_config
 
-    metrics = run(data.resolve(), out, model=model, epochs=epochs, imgsz=imgsz, batch=batch, device=device, seed=seed)
+    cfg = _config(config, overrides)
+    data = data.expanduser().resolve()
+    if not data.is_file():
+        _fail(f"dataset YAML not found: {data}")
+    out = out.expanduser().resolve()
+    device = device or cfg.detect.device
+    kwargs = {"model": model, "epochs": epochs, "imgsz": imgsz or cfg.detect.imgsz, "batch": batch, "device": device,
+              "workers": workers, "seed": seed, "cache": cache, "conf": cfg.detect.conf, "threads": threads}
+    with _user_errors():
+        if ray_task:
+            _connect_ray(address)
+            gpus = num_gpus if num_gpus is not None else (0.0 if device == "cpu" else 1.0)
+            metrics = detector_training.train_detector_on_ray(data, out, num_cpus=num_cpus, num_gpus=gpus, **kwargs)
+        else:
+            metrics = detector_training.train_detector(data, out, **kwargs)
+    save_config(cfg, out / "config.yaml")
     _print_json(metrics)
 
 
 @app.command()
 def train(
-    crops: Annotated[Path, typer.Option(help="Crops table folder written by `ootd ingest`.")],
-    workdir: Annotated[Path | None, typer.Option(help="Default: data.workdir.")] = None,
+    crops: Annotated[Path, typer.Option(help="Crops table folder written by ingest (<workdir>/crops).")],
+    workdir: Annotated[Path | None, typer.Option(help="Feature cache, Ray Train runs, models; default: "
+                                                      "data.workdir.")] = None,
     config: ConfigOpt = "default",
     overrides: SetOpt = None,
     address: AddressOpt = None,
 ) -> None:
-    """Ray Train DDP fine-tuning of the head and top blocks; exports a model dir."""
+    """Ray Train DDP fine-tuning of the head and top blocks; exports the best model dir."""
     from ootd.train import run_training
 
     cfg = _config(config, overrides)
+    workdir = workdir or Path(cfg.data.workdir)
+    _warn_if_relative(crops=crops, workdir=workdir)
+    if not crops.expanduser().is_dir():
+        _fail(f"crops table folder not found: {crops.expanduser().resolve()}")
     _connect_ray(address)
-    _print_json(run_training(cfg, crops, workdir=workdir or Path(cfg.data.workdir)))
+    with _user_errors():
+        summary = run_training(cfg, crops.expanduser(), workdir=workdir.expanduser())
+    _print_json(summary)
+    typer.echo(f"model dir: {summary['model_dir']}")
 
 
 @app.command()
 def evaluate(
-    model_dir: Annotated[Path, typer.Option(help="Exported model dir.")],
-    crops: Annotated[Path, typer.Option(help="Crops table folder.")],
-    out: Annotated[Path | None, typer.Option(help="Default: <model_dir>/eval.")] = None,
-    split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
+    model_dir: Annotated[Path, typer.Option(help="Exported model dir (<workdir>/models/<version>).")],
+    crops: Annotated[Path, typer.Option(help="Crops table folder written by ingest.")],
+    out: Annotated[Path | None, typer.Option(help="Report folder; default: <model-dir>/eval.")] = None,
+    split: Annotated[Split, typer.Option(help="Which split to score.")] = Split.test,
+    baseline_backbone: Annotated[str | None, typer.Option(
+        help="Frozen baseline backbone; default: the one the model was fine-tuned from.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 32,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda; default: cuda when available.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     config: ConfigOpt = "default",
     overrides: SetOpt = None,
 ) -> None:
@@ -166,17 +251,35 @@ def evaluate(
     from ootd.evaluate import evaluate as run
 
     cfg = _config(config, overrides)
-    result = run(
-        model_dir, crops, out or model_dir / "eval", split=split,
-        val_fraction=cfg.train.val_fraction, test_fraction=cfg.train.test_fraction, config=cfg,
-    )  # fmt: skip
-    typer.echo(result.get("report", json.dumps(result, indent=2, default=str)))
+    _warn_if_relative(model_dir=model_dir, crops=crops, out=out)
+    with _user_errors():
+        result = run(
+            model_dir, crops, out or model_dir / "eval", split=split.value,
+            val_fraction=cfg.train.val_fraction, test_fraction=cfg.train.test_fraction,
+            baseline_backbone=baseline_backbone, config=cfg, batch_size=batch_size,
+            precision=cfg.model.precision, device=device, progress=progress,
+        )  # fmt: skip
+    typer.echo(result["table"])
+    for warning in result["warnings"]:
+        typer.echo(f"warning: {warning}")
+    if result["skipped"]["count"]:
+        typer.echo(f"warning: {result['skipped']['count']} image(s) left out (unreadable crop or photo), "
+                   "see metrics.json")
+    typer.echo(f"\nreport: {result['files']['report']}\nmetrics: {result['files']['metrics']}")
 
 
 @app.command()
 def index(
-    crops: Annotated[Path, typer.Option(help="Crops table folder.")],
+    crops: Annotated[Path, typer.Option(help="Crops table folder written by ingest.")],
     model_dir: Annotated[Path, typer.Option(help="Exported model dir to embed with.")],
+    out: Annotated[Path | None, typer.Option(help="Summary folder; default: <workdir>/index/<version>.")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Index only the first N crops.")] = None,
+    swap: Annotated[bool, typer.Option(help="Move the live alias when done (--no-swap: fill only).")] = True,
+    concurrency: Annotated[int | None, typer.Option(min=1, help="Embedding actors; default: "
+                                                               "detect.concurrency.")] = None,
+    num_cpus: Annotated[float | None, typer.Option(min=0, help="CPUs per actor; default: detect.num_cpus.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Crops per encoder forward pass.")] = 32,
+    device: Annotated[str, typer.Option(help="cpu or cuda (one GPU per actor).")] = "cpu",
     config: ConfigOpt = "default",
     overrides: SetOpt = None,
     address: AddressOpt = None,
@@ -185,8 +288,12 @@ def index(
     from ootd.index import run_index
 
     cfg = _config(config, overrides)
+    _warn_if_relative(crops=crops, model_dir=model_dir, store_uri=cfg.store.uri)
     _connect_ray(address)
-    _print_json(run_index(cfg, crops, model_dir))
+    with _user_errors():
+        summary = run_index(cfg, crops, model_dir, out=out, limit=limit, swap=swap, concurrency=concurrency,
+                            num_cpus=num_cpus, batch_size=batch_size, device=device)
+    _print_json(summary)
 
 
 @app.command()
@@ -258,14 +365,21 @@ def demo(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point for `jobs/*.py` shims: runs one sub-command and returns its exit code."""
+    """Runs one sub-command (argv without the program name) and returns its exit code instead of exiting."""
     import click
 
     try:
-        app(args=argv if argv is not None else sys.argv[1:], standalone_mode=False)
+        code = app(args=argv if argv is not None else sys.argv[1:], standalone_mode=False)
     except click.ClickException as exc:  # usage and config errors: print them as the shell command would
         exc.show()
         return exc.exit_code
-    except (typer.Exit, click.exceptions.Exit) as exc:
+    except click.exceptions.Exit as exc:
         return exc.exit_code
-    return 0
+    except click.Abort:
+        return 130
+    return code if isinstance(code, int) else 0
+
+
+def job(command: str) -> Callable[[list[str] | None], int]:
+    """The `main(argv)` of a `jobs/<name>.py` entry point: the `ootd <command>` sub-command with the job's argv."""
+    return lambda argv=None: main([command, *(sys.argv[1:] if argv is None else argv)])

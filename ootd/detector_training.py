@@ -121,6 +121,40 @@ def train_detector(
     return metrics
 
 
+# Files of a training run brought back from a Ray task to the output folder (a few MB: weights, metrics, curves).
+RESULT_FILES = ("best.pt", "metrics.json", "train_args.yaml", "ultralytics/results.csv", "ultralytics/args.yaml")
+
+
+def train_detector_on_ray(
+    data_yaml: str | Path, out_dir: str | Path, *, num_cpus: float = 1.0, num_gpus: float = 0.0, **kwargs: Any
+) -> dict[str, Any]:
+    """`train_detector` as a Ray task on whichever node has the resources; its result files come back to `out_dir`.
+
+    The task trains in a scratch folder of its node, so `out_dir` only has to exist where the caller runs.
+    Needs a connected Ray cluster. Keyword arguments are those of `train_detector`.
+    """
+    import ray
+
+    task = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0)(_train_to_bytes)
+    files = ray.get(task.remote(str(data_yaml), kwargs))
+    out = Path(out_dir).expanduser().resolve()
+    for name, blob in files.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes(blob)
+    metrics = json.loads(files["metrics.json"])
+    metrics.update(weights=str(out / "best.pt"), run_dir=str(out / "ultralytics"))
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def _train_to_bytes(data_yaml: str, kwargs: dict[str, Any]) -> dict[str, bytes]:
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="ootd-detector-") as tmp:
+        train_detector(data_yaml, tmp, **kwargs)
+        return {name: (Path(tmp) / name).read_bytes() for name in RESULT_FILES if (Path(tmp) / name).is_file()}
+
+
 def _model_source(model: str) -> str:
     """A local `.pt` (never downloaded), an architecture YAML on disk or in ootd/assets, or an ultralytics YAML."""
     from ootd.detect import ASSETS_DIR, resolve_weights

@@ -11,7 +11,9 @@ from pathlib import Path
 
 from ootd.config import Config, load_config
 
-PACKAGES = ("torch", "torchvision", "ray", "open_clip_torch", "timm", "ultralytics", "pymilvus", "milvus-lite", "pyarrow")
+PACKAGES = (
+    "torch", "torchvision", "ray", "open_clip_torch", "timm", "ultralytics", "pymilvus", "milvus-lite", "pyarrow",
+)
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,8 @@ def check_ray() -> Check:
                 ray.shutdown()
         return Check("ray", value == 42, "local Ray started and ran a task")
     except Exception as exc:  # noqa: BLE001 - the doctor reports every failure instead of raising
-        return Check("ray", False, f"could not start: {exc}", fix="check /tmp is writable and no stale `ray start` holds ports")
+        return Check("ray", False, f"could not start: {exc}",
+                     fix="check /tmp is writable and no stale `ray start` holds ports")
 
 
 def check_milvus_lite() -> Check:
@@ -97,7 +100,8 @@ def check_backbone(config: Config, required: bool) -> Check:
                  f"then pass `--set model.backbone=local-dir:DIR`"),
             required=required,
         )  # fmt: skip
-    return Check(label, False, "unknown backbone scheme", fix="use hf-hub:REPO, local-dir:PATH or tiny", required=required)
+    return Check(label, False, "unknown backbone scheme", fix="use hf-hub:REPO, local-dir:PATH or tiny",
+                 required=required)
 
 
 def _hf_cached(repo: str) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Sequence
@@ -22,6 +23,10 @@ from ootd.store_rows import (
     filter_expr,
 )
 from ootd.styles import STYLES
+
+# Embedded Milvus Lite serves gRPC inside this process and lacks AllocTimestamp, which pymilvus calls (and
+# tolerates) while creating an index; grpc would log each such call as a full server traceback.
+logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
 
 if TYPE_CHECKING:
     from ootd.config import StoreConfig

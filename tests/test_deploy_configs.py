@@ -17,3 +17,13 @@ def test_cluster_yaml_passes_ray_cluster_launcher_validation():
     assert {"cpu_ingest", "gpu_train_serve"} <= set(node_types)
     assert any("pip install" in cmd and "ootd" in cmd for cmd in config["setup_commands"])
     assert "/mnt/shared" in " ".join(config["initialization_commands"])
+
+
+def test_serve_config_yaml_passes_ray_serve_schema():
+    from ray.serve.schema import ServeDeploySchema
+
+    spec = yaml.safe_load((REPO / "serve_config.yaml").read_text())
+    schema = ServeDeploySchema.parse_obj(spec)  # raises on any schema error
+    (app,) = schema.applications
+    assert app.import_path == "ootd.serve.app:build_app" and app.route_prefix == "/"
+    assert schema.http_options.host == "127.0.0.1"  # bind loopback unless told otherwise

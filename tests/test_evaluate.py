@@ -220,7 +220,7 @@ def test_job_main_prints_the_table(evaluated, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| fine-tuned · outfit crop |" in printed
     assert json.loads((tmp_path / "metrics.json").read_text())["n_images"] == evaluated["result"]["n_images"]
-    assert job.main([*argv[:6], "--split", "test", "--set", "train.test_fraction=0.001", "--no-progress"]) == 1
+    assert job.main([*argv[:6], "--split", "test", "--set", "train.test_fraction=0.001", "--no-progress"]) == 2
     assert "too small" in capsys.readouterr().err
 
 

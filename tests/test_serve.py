@@ -549,7 +549,7 @@ def test_gallery_uploads_a_photo_and_renders_results_in_chromium(app, tmp_path):
 
     photo = app["sources"][0]
     photo_id = hashlib.sha256(photo.read_bytes()).hexdigest()
-    photo_style = app["table"].set_index("id").loc[photo_id, "style"]
+    photo_style = app["table"].set_index("image_id").loc[photo_id, "style"]
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
