@@ -4,9 +4,20 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+
+class _OpenClipChatter(logging.Filter):
+    """open_clip narrates every model build at INFO on the root logger; keep its warnings, drop the narration."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or f"{os.sep}open_clip{os.sep}" not in record.pathname
+
+
+logging.getLogger().addFilter(_OpenClipChatter())
 
 if TYPE_CHECKING:
     import torch

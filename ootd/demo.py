@@ -15,6 +15,7 @@ from ootd.config import Config, config_to_dict, load_config, save_config
 log = logging.getLogger("ootd.demo")
 
 BANNER = "=" * 78
+SAMPLE_PER_STYLE = 60  # 780 synthetic photos: a test split of ~120 images, and the batch part in ~4 minutes
 
 
 def _say(message: str) -> None:
@@ -102,8 +103,9 @@ def run_demo(config: Config, *, images: Path | None, workdir: Path, keep_serving
 
         stages.run(
             "sample",
-            "1/6 synthetic outfits (13 styles x 24 photos)",
-            lambda: write_sample_data(workdir / "sample", per_style=24, seed=0, size=256),
+            f"1/6 synthetic outfits (13 styles x {SAMPLE_PER_STYLE} photos)",
+            lambda: write_sample_data(workdir / "sample", per_style=SAMPLE_PER_STYLE, seed=0, size=256,
+                                      overwrite=True),
         )
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True, ignore_reinit_error=True)
 

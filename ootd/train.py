@@ -115,6 +115,8 @@ def split_dataset(data: TrainData, split: str, config: Config) -> ray.data.Datas
         raise FileNotFoundError(f"no parquet files under {data.path}")
     columns = ["image_id", "style", data.payload] + (["error"] if data.source == "cache" else [])
     ds = ray.data.from_items([{"file": f} for f in files], override_num_blocks=len(files))
+    # Workers re-read these every epoch: their progress bars would bury rank 0's per-epoch log in the driver.
+    ds.context.enable_progress_bars = False
     return ds.map_batches(
         _read_split,
         fn_kwargs={

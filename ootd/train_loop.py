@@ -72,19 +72,31 @@ def make_optimizer(encoder: StyleEncoder, train: TrainConfig) -> torch.optim.Opt
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float):
-    """Linear warmup over the first `warmup_fraction` of steps, then cosine decay to zero."""
+    """Linear warmup over the first `warmup_fraction` of steps, then cosine decay to zero.
+
+    `scheduler.total_steps` may be corrected during the run (`set_total_steps`): class-balanced batching forms a
+    number of batches per epoch that the driver can only estimate.
+    """
     import torch
 
-    total = max(1, total_steps)
-    warmup = int(round(total * warmup_fraction))
+    scheduler = None  # bound below; `factor` reads its (correctable, checkpointed) total_steps
 
     def factor(step: int) -> float:
+        total = scheduler.total_steps if scheduler is not None else max(1, total_steps)
+        warmup = int(round(total * warmup_fraction))
         if step < warmup:
             return (step + 1) / warmup
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    scheduler.total_steps = max(1, total_steps)
+    return scheduler
+
+
+def set_total_steps(scheduler, total_steps: int) -> None:
+    """Re-aims the cosine at `total_steps`; the new rate applies from the next step."""
+    scheduler.total_steps = max(1, total_steps)
 
 
 def train_step(model, optimizer, scheduler, loss_fn, inputs, labels, autocast) -> float:
@@ -163,6 +175,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, history = state["epoch"] + 1, state["history"]
+        set_total_steps(scheduler, history[-1]["steps"] * tcfg.epochs)
         log.info("resuming run from its epoch %d checkpoint", state["epoch"])
         if start_epoch > tcfg.epochs:
             log.warning(
@@ -200,6 +213,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                 f"epoch {epoch} formed no training batch: a worker's shard needs two styles with two crops each "
                 f"(rank {rank} saw {stats.rows_in} rows); use fewer train.num_workers or more labelled photos"
             )
+        # Every worker took the same number of steps; the driver's estimate assumed full P×K batches only.
+        set_total_steps(scheduler, int(totals[1] / world) * tcfg.epochs)
         metrics = {
             "epoch": epoch,
             "started_at_epoch": start_epoch,

@@ -321,3 +321,22 @@ def test_a_killed_training_worker_is_restarted_and_the_run_completes(ray_session
     # The restarted worker group resumed from epoch 1's checkpoint rather than starting over.
     assert [h["started_at_epoch"] for h in out["history"]] == [1, 2, 2]
     assert Path(out["model_dir"], "ootd_model.json").exists()
+
+
+def test_schedule_can_be_re_aimed_when_an_epoch_forms_more_batches_than_estimated():
+    from ootd.train_loop import set_total_steps
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=1.0)
+    sched = warmup_cosine(opt, total_steps=10, warmup_fraction=0.0)
+    for _ in range(5):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5)  # half way through the estimated 10 steps
+    set_total_steps(sched, 20)  # the epochs really take twice as many steps
+    opt.step()
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * (1 + math.cos(math.pi * 6 / 20)))
+    restored = warmup_cosine(opt, total_steps=10, warmup_fraction=0.0)
+    restored.load_state_dict(sched.state_dict())
+    assert restored.total_steps == 20
