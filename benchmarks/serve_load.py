@@ -310,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch-size", type=int, default=16, help="serve.max_batch_size of the Encoder")
     parser.add_argument("--encoder-replicas", type=int, default=2)
     parser.add_argument("--encoder-cpus", type=float, default=0.9, help="CPUs reserved per Encoder replica")
+    parser.add_argument("--search-batch-wait", type=float, default=None,
+                        help="serve.search_batch_wait_s of the Index (default: the config's)")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: embed, search")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "serve_load.md"))
     args = parser.parse_args(argv)
@@ -331,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
         f"serve.encoder_num_cpus={args.encoder_cpus}", f"serve.max_batch_size={args.max_batch_size}",
         "serve.ingress_num_cpus=0.05", "serve.index_num_cpus=0.05", f"serve.port={port}",
     ])  # fmt: skip
+    if args.search_batch_wait is not None:
+        cfg = with_overrides(cfg, [f"serve.search_batch_wait_s={args.search_batch_wait}"])
     model_dir = export_model(args.backbone, cfg.model, work / "models")
     version, _ = model_info(model_dir)
     if args.backbone != "tiny":
@@ -338,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     images = photos(args.photos, args.photo_size)
     fill_index(cfg, version, args.index_size)
     lines = [f"## serve_load ({args.backbone} encoder, {platform.machine()}, {os.cpu_count()} CPUs, torch "
-             f"{torch.__version__}, {args.duration:.0f} s per level, index of {args.index_size:,} vectors)", ""]
+             f"{torch.__version__}, {args.duration:.0f} s per level, index of {args.index_size:,} vectors, "
+             f"Index batch wait {cfg.serve.search_batch_wait_s * 1000:.0f} ms)", ""]
 
     load_start = os.getloadavg()[0]
     with RssSampler() as rss:

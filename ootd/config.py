@@ -142,6 +142,8 @@ class ServeConfig:
     target_ongoing_requests: float = _bounded(8.0, lo=0.1)
     max_batch_size: int = _bounded(16, lo=1)
     batch_wait_timeout_s: float = _bounded(0.01, lo=0.0)
+    # How long the Index waits to merge concurrent searches into one Milvus call: more throughput, more latency.
+    search_batch_wait_s: float = _bounded(0.02, lo=0.0)
     encoder_num_cpus: float = _bounded(0.5, lo=0.0)
     index_num_cpus: float = _bounded(0.25, lo=0.0)
     ingress_num_cpus: float = _bounded(0.25, lo=0.0)

@@ -88,6 +88,9 @@ class Index:
         self.store = MilvusStore.from_config(config.store, dim=config.model.embed_dim)
         self.batched = batched
         self._search_batch.set_max_batch_size(max_batch_size)
+        # Milvus Lite searches in Python, holding the GIL: requests reach this replica only between searches,
+        # so a batch must wait a little for them or it leaves with one or two queries (see serve.search_batch_wait_s).
+        self._search_batch.set_batch_wait_timeout_s(config.serve.search_batch_wait_s)
         self._live: tuple[float, str | None] = (-1.0, None)
 
     def model_version(self) -> str | None:
@@ -116,7 +119,7 @@ class Index:
             return await self._search_batch(query)
         return (await asyncio.to_thread(self._search_many, [query]))[0]
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.02)
     async def _search_batch(self, queries: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return await asyncio.to_thread(self._search_many, queries)
 
