@@ -25,6 +25,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from report import publish  # noqa: E402 - benchmarks/ is the script's own folder on sys.path
+
 PRECISIONS = ("fp32", "bf16", "bf16w")
 GFLOPS_PER_IMAGE = 35.4  # open_clip's profile of the ViT-B-16-SigLIP vision tower at 224 px
 MARQO_CONFIG = REPO / "tests" / "data" / "marqo_open_clip_config.json"
@@ -170,11 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Peak RSS: {peak_rss_mib():.0f} MiB. Achieved GFLOP/s = images/s × {GFLOPS_PER_IMAGE} GFLOPs/image. "
         f"1-min load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores.",
     ]
-    table = "\n".join(lines)
-    print(table)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(table + "\n")
+    publish(lines, args.out)
     return 0
 
 

@@ -28,6 +28,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from report import publish  # noqa: E402 - benchmarks/ is the script's own folder on sys.path
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line arguments of the benchmark."""
@@ -244,10 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Machine load average (1 min) before/after: {load_before:.1f} / {load_after:.1f} on {os.cpu_count()} cores; "
         "other processes competing for the cores skew both sides.",
     ]
-    table = "\n".join(lines) + "\n"
-    print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(table)
+    publish(lines, args.out)
     return 0
 
 

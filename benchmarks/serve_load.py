@@ -27,6 +27,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from report import load_summary  # noqa: E402 - benchmarks/ is the script's own folder on sys.path
+
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("YOLO_OFFLINE", "1")
@@ -186,7 +189,6 @@ def milvus_direct(cfg, dim: int, batch: int, seconds: float) -> tuple[float, flo
 
 async def _handle_load(concurrency: int, seconds: float, dim: int) -> dict[str, float]:
     """Closed-loop load on the Index deployment through a DeploymentHandle (no HTTP, no ingress)."""
-    import numpy as np
     from ray import serve
 
     from ootd.serve.app import APP_NAME
@@ -209,9 +211,7 @@ async def _handle_load(concurrency: int, seconds: float, dim: int) -> dict[str, 
     start = time.perf_counter()
     await asyncio.gather(*(worker(w) for w in range(concurrency)))
     elapsed = time.perf_counter() - start
-    lat = np.asarray(latencies) * 1000
-    return {"rps": len(latencies) / elapsed, "p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)),
-            "n": len(latencies), "errors": 0}
+    return load_summary(latencies, elapsed)
 
 
 def handle_levels(levels: list[int], seconds: float, dim: int) -> dict[int, dict[str, float]]:
@@ -222,7 +222,6 @@ def handle_levels(levels: list[int], seconds: float, dim: int) -> dict[int, dict
 async def _load(url: str, concurrency: int, seconds: float, make_request) -> dict[str, float]:
     """Closed-loop load: `concurrency` workers send back-to-back requests for `seconds`."""
     import aiohttp
-    import numpy as np
 
     latencies: list[float] = []
     errors = 0
@@ -244,9 +243,7 @@ async def _load(url: str, concurrency: int, seconds: float, make_request) -> dic
         start = time.perf_counter()
         await asyncio.gather(*(worker(w) for w in range(concurrency)))
         elapsed = time.perf_counter() - start
-    lat = np.asarray(latencies) * 1000
-    return {"rps": len(latencies) / elapsed, "p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)),
-            "n": len(latencies), "errors": errors}
+    return load_summary(latencies, elapsed, errors)
 
 
 def run_levels(url: str, levels: list[int], seconds: float, make_request) -> dict[int, dict[str, float]]:

@@ -37,6 +37,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from report import publish  # noqa: E402 - benchmarks/ is the script's own folder on sys.path
+
 MARQO_CONFIG = REPO / "tests" / "data" / "marqo_open_clip_config.json"
 
 
@@ -261,11 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             *ddp_rows,
         ]
     lines += ["", f"1-min load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores."]
-    table = "\n".join(lines)
-    print(table)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(table + "\n")
+    publish(lines, args.out)
     return 0
 
 
