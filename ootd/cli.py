@@ -360,7 +360,8 @@ def demo(
     from ootd.demo import run_demo
 
     cfg = _config(config, overrides)
-    code = run_demo(cfg, images=images, workdir=workdir, keep_serving=keep_serving, port=port)
+    code = run_demo(cfg, overrides=overrides or [], images=images, workdir=workdir, keep_serving=keep_serving,
+                    port=port)
     raise typer.Exit(code)
 
 

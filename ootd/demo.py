@@ -6,7 +6,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +26,9 @@ def _loud(message: str) -> None:
     _say(f"\n{BANNER}\n{message}\n{BANNER}\n")
 
 
-def resolve_demo_config(config: Config) -> Config:
-    """Keeps the configured backbone when its weights are local; otherwise falls back to tiny, loudly."""
+def resolve_demo_config(config: Config, overrides: Sequence[str] = ()) -> Config:
+    """Keeps the configured backbone when its weights are local; otherwise falls back to tiny (with the same
+    overrides), loudly."""
     from ootd.doctor import check_backbone
 
     check = check_backbone(config, required=False)
@@ -38,7 +39,7 @@ def resolve_demo_config(config: Config) -> Config:
         "Falling back to the TINY offline model: the pipeline is real, but its embeddings are NOT\n"
         f"fashion-aware. To use the real model: {check.fix}"
     )
-    return load_config("tiny")
+    return load_config("tiny", list(overrides))
 
 
 class StageLog:
@@ -64,11 +65,20 @@ class StageLog:
         return result
 
 
-def run_demo(config: Config, *, images: Path | None, workdir: Path, keep_serving: bool, port: int) -> int:
+def run_demo(
+    config: Config,
+    *,
+    overrides: Sequence[str] = (),
+    images: Path | None,
+    workdir: Path,
+    keep_serving: bool,
+    port: int,
+) -> int:
     """Runs every stage on the embedded default and prints how to use the result.
 
     Args:
         config: the resolved config; the backbone falls back to `tiny` when its weights are not local.
+        overrides: the `--set` overrides `config` was built with (re-applied to `tiny` on a fallback).
         images: a folder per style of the user's own photos; None generates synthetic outfits.
         workdir: where data, tables, checkpoints, models, Milvus and reports go.
         keep_serving: keep the HTTP app up until Ctrl-C.
@@ -83,7 +93,7 @@ def run_demo(config: Config, *, images: Path | None, workdir: Path, keep_serving
 
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    config = resolve_demo_config(config)
+    config = resolve_demo_config(config, overrides)
     config = with_overrides(
         config,
         [
