@@ -577,6 +577,15 @@ def test_gallery_uploads_a_photo_and_renders_results_in_chromium(app, tmp_path):
             expect(page.locator("#status")).to_contain_text("Recommended from 1 liked")
             shown = cards.evaluate_all("cs => cs.map(c => c.dataset.id)")
             assert shown and photo_id not in shown
+
+            # Browse a sample of the index, then click an outfit: it finds itself first.
+            page.locator("#browse").click()
+            expect(page.locator("#status")).to_contain_text("A sample of the index")
+            picked = cards.nth(2).get_attribute("data-id")
+            cards.nth(2).locator("img").click()
+            expect(page.locator("#status")).to_contain_text("Outfits like the one you clicked")
+            assert cards.first.get_attribute("data-id") != picked  # a search by id excludes the item itself
+            assert cards.count() >= 1
         finally:
             browser.close()
     assert (tmp_path / "gallery.png").stat().st_size > 10_000
