@@ -305,24 +305,13 @@ def serve(
 ) -> None:
     """Deploy the Serve app (ingress, autoscaled encoder, Milvus index) and keep it up until Ctrl-C."""
     from ootd.serve.app import run_app
+    from ootd.serve.client import serve_until_interrupted
 
     cfg = _config(config, overrides)
     _connect_ray(address)
     url = run_app(cfg, config_source=config, overrides=overrides or [], model_dir=model_dir)
     typer.echo(f"serving on {url} (docs: {url}/docs); Ctrl-C stops")
-    _wait_forever()
-
-
-def _wait_forever() -> None:
-    import time
-
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        from ray import serve as ray_serve
-
-        ray_serve.shutdown()
+    serve_until_interrupted()
 
 
 @app.command()
@@ -333,17 +322,14 @@ def search(
     style: Annotated[list[str] | None, typer.Option(help="Only these styles (repeatable).")] = None,
 ) -> None:
     """Search a running server with a photo and print the style-similar outfits."""
-    import requests
+    from ootd.serve.client import search_by_photo
 
-    params = {"top_k": str(top_k)}
-    if style:
-        params["styles"] = ",".join(style)
-    with image.open("rb") as handle:
-        resp = requests.post(f"{url}/v1/search", files={"image": (image.name, handle)}, data=params, timeout=60)
-    if resp.status_code != 200:
-        typer.echo(f"error {resp.status_code}: {resp.text}", err=True)
-        raise typer.Exit(1)
-    for rank, hit in enumerate(resp.json()["results"], start=1):
+    try:
+        hits = search_by_photo(url, image, top_k, style or ())
+    except RuntimeError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from exc
+    for rank, hit in enumerate(hits, start=1):
         typer.echo(f"{rank:>3}. {hit['score']:.3f}  {hit['style']:<10} {hit['source']}")
 
 

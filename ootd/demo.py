@@ -140,14 +140,15 @@ def run_demo(
 
     _say("\n--- 6/6 serve: deploying the Ray Serve app")
     from ootd.serve.app import run_app
+    from ootd.serve.client import search_by_photo, serve_until_interrupted
 
     url = run_app(config, config_source=str(workdir / "config.yaml"), overrides=[], model_dir=model_dir)
-    example = _example_image(workdir, ingest)
-    hits = _search(url, example)
+    example = _example_image(workdir)
+    hits = search_by_photo(url, example, top_k=5)
     _say(f"\nIngest: {json.dumps(_short(ingest))}")
     _say(f"\nEvaluation (held-out split):\n{report.get('report', '') if isinstance(report, dict) else report}")
     _say(f"\nSearch with {example} →")
-    for rank, hit in enumerate(hits[:5], start=1):
+    for rank, hit in enumerate(hits, start=1):
         _say(f"  {rank}. score {hit['score']:.3f}  {hit['style']:<9} {hit['source']}")
     _say(
         f"\nGallery:  {url}/\nAPI docs: {url}/docs\n"
@@ -155,14 +156,11 @@ def run_demo(
     )
     if keep_serving:
         _say("Serving until Ctrl-C ...")
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            pass
-    from ray import serve
+        serve_until_interrupted()
+    else:
+        from ray import serve
 
-    serve.shutdown()
+        serve.shutdown()
     ray.shutdown()
     return 0
 
@@ -173,19 +171,9 @@ def _short(summary: Any) -> Any:
     return {k: v for k, v in summary.items() if not isinstance(v, (dict, list))}
 
 
-def _example_image(workdir: Path, ingest: dict) -> Path:
+def _example_image(workdir: Path) -> Path:
     """A photo to search with: the first synthetic or user photo that was ingested."""
     import pyarrow.parquet as pq
 
     table = pq.read_table(workdir / "crops", columns=["source"])
     return Path(sorted(table.column("source").to_pylist())[0])
-
-
-def _search(url: str, image: Path) -> list[dict]:
-    import requests
-
-    with image.open("rb") as handle:
-        resp = requests.post(f"{url}/v1/search", files={"image": (image.name, handle)}, data={"top_k": "5"},
-                             timeout=120)
-    resp.raise_for_status()
-    return resp.json()["results"]

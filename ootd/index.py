@@ -199,6 +199,7 @@ def run_index(
                 raise IndexInterrupted(f"injected failure after {written} rows; alias still on {previous}")
         moved = False
         if swap and written:
+            store.flush(collection)  # sealed and indexed before readers see it
             store.swap_alias(collection)
             moved = True
         summary = {

@@ -147,6 +147,7 @@ def test_serve_config_yaml_builds_the_app(monkeypatch, tmp_path):
     from ray.serve import Application
 
     from ootd.config import ConfigError, load_config
+    from ootd.serve.app import builder_args
 
     spec = yaml.safe_load((REPO / "serve_config.yaml").read_text())
     (entry,) = spec["applications"]
@@ -156,8 +157,11 @@ def test_serve_config_yaml_builds_the_app(monkeypatch, tmp_path):
     assert spec["http_options"] == {"host": defaults.host, "port": defaults.port}
     monkeypatch.chdir(tmp_path)
     assert isinstance(builder(entry["args"]), Application)
-    assert isinstance(builder({"config": "tiny", "overrides": "serve.api_key=k,serve.port=9001",
-                               "batch_search": "false"}), Application)
+    assert isinstance(builder({"config": "tiny"}), Application)
+    config, model_dir, batch_search = builder_args({"config": "tiny", "overrides": "serve.api_key=k,serve.port=9001",
+                                                    "batch_search": "false", "model_dir": "/m"})
+    assert (config.serve.api_key, config.serve.port, model_dir, batch_search) == ("k", 9001, "/m", False)
+    assert builder_args({"config": "tiny"})[1:] == (None, True)
     with pytest.raises(ConfigError, match="serve.nope"):
         builder({"config": "tiny", "overrides": ["serve.nope=1"]})
 
@@ -482,9 +486,15 @@ def test_unknown_ids_are_a_404_and_malformed_ids_a_422(app):
     assert resp.status_code == 404 and unknown in _detail(resp)
     resp = _post_json(url, "/v1/recommend", {"liked": [app["table"].iloc[0]["image_id"], unknown]})
     assert resp.status_code == 404 and unknown in _detail(resp)
-    resp = requests.get(f"{url}/v1/items/../../etc/passwd", timeout=HTTP_TIMEOUT)
-    assert resp.status_code in (404, 422)
+    # A traversal-shaped id reaches the items route (`..` with `/` would be normalised away by the client) and is
+    # refused by the id pattern before any lookup.
+    resp = requests.get(f"{url}/v1/items/..%5C..%5Cetc%5Cpasswd/image", timeout=HTTP_TIMEOUT)
+    assert resp.status_code == 422 and "item_id" in resp.text
     assert requests.get(f"{url}/v1/items/{unknown.upper()}", timeout=HTTP_TIMEOUT).status_code == 422
+    # Each list within its limit, together over the exclude limit: refused, not a server error.
+    many = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(1500)]
+    resp = _post_json(url, "/v1/recommend", {"liked": many[:1000], "disliked": many[1000:]})
+    assert resp.status_code == 422 and "at most 1000 distinct" in resp.text, resp.text
 
 
 @slow

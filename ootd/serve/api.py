@@ -74,6 +74,13 @@ class RecommendRequest(_Strict):
     styles: list[StyleName] | None = None
     dislike_weight: float = Field(0.5, ge=0.0, le=1.0, description="weight of the disliked mean")
 
+    @model_validator(mode="after")
+    def _rated_fit_the_exclusions(self) -> RecommendRequest:
+        # Every rated id is excluded from the answer, and a search takes at most MAX_IDS exclusions.
+        if len(set(self.liked) | set(self.disliked)) > MAX_IDS:
+            raise ValueError(f"at most {MAX_IDS} distinct liked and disliked ids together")
+        return self
+
 
 class Hit(BaseModel):
     """One indexed outfit and its cosine similarity to the query."""

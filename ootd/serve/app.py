@@ -330,6 +330,12 @@ def build_app(args: dict[str, Any]) -> Any:
         args: `config` (built-in name or YAML path, default `default`), `overrides` (list of `section.key=value`
             or one comma-separated string), `model_dir` (optional), `batch_search` (default true).
     """
+    config, model_dir, batch_search = builder_args(args)
+    return make_app(config, model_dir=model_dir, batch_search=batch_search)
+
+
+def builder_args(args: dict[str, Any]) -> tuple[Config, str | None, bool]:
+    """`build_app`'s args (as YAML or `serve run key=value` gives them) → (config, model dir or None, batch_search)."""
     overrides = args.get("overrides") or []
     if isinstance(overrides, str):
         overrides = [o for o in overrides.split(",") if o.strip()]
@@ -337,7 +343,7 @@ def build_app(args: dict[str, Any]) -> Any:
     batch = args.get("batch_search", True)
     if isinstance(batch, str):
         batch = batch.strip().lower() not in ("0", "false", "no", "off")
-    return make_app(config, model_dir=args.get("model_dir") or None, batch_search=bool(batch))
+    return config, args.get("model_dir") or None, bool(batch)
 
 
 def run_app(
