@@ -110,7 +110,8 @@ def decode_batch(batch: pa.Table, *, max_bytes: int, max_pixels: int) -> pa.Tabl
         try:
             data = read_file(row["source"], max_bytes)
             if image_id(data) != row["image_id"]:
-                raise InputError(READ, "file changed between hashing and decoding; re-run ingest to pick it up")
+                raise InputError(READ, "file changed between hashing and decoding (errors are final: remove it from "
+                                       "errors/ to ingest it again)")
             image = decode(data, max_pixels)
             out.update(width=image.width, height=image.height, pixels=image.tobytes())
         except InputError as exc:

@@ -223,7 +223,7 @@ def build_trainer(
     )
 
 
-def export_best(result: Result, config: Config, data: TrainData, workdir: str | Path) -> tuple[Path, str, dict]:
+def export_best(result: Result, config: Config, workdir: str | Path) -> tuple[Path, str, dict]:
     """Exports the best checkpoint (validation mAP@10) as a model dir `<workdir>/models/<new version>`.
 
     Returns:
@@ -292,7 +292,7 @@ def run_training(
     result = build_trainer(config, data, storage_path=storage, hooks=hooks).fit()
     if result.error is not None:
         raise RuntimeError(f"training run {run_dir} failed") from result.error
-    model_dir, version, metrics = export_best(result, config, data, workdir)
+    model_dir, version, metrics = export_best(result, config, workdir)
     history: list[dict] = []
     if result.checkpoint is not None:
         with result.checkpoint.as_directory() as ckpt_dir:

@@ -346,9 +346,16 @@ def _all_workers(flag: bool, world: int) -> bool:
     import torch
     import torch.distributed as dist
 
-    value = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    # On the worker's device: NCCL (Ray Train's backend with GPUs) reduces CUDA tensors only.
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_collective_device())
     dist.all_reduce(value, op=dist.ReduceOp.MIN)
     return bool(value.item())
+
+
+def _collective_device():
+    import ray.train.torch
+
+    return ray.train.torch.get_device()
 
 
 def _reduce(values: list[float], world: int, op: str) -> list[float]:
@@ -357,7 +364,7 @@ def _reduce(values: list[float], world: int, op: str) -> list[float]:
     import torch
     import torch.distributed as dist
 
-    tensor = torch.tensor(values, dtype=torch.float64)
+    tensor = torch.tensor(values, dtype=torch.float64, device=_collective_device())
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
     return tensor.tolist()
 
