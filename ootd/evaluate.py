@@ -99,6 +99,7 @@ def evaluate(
     from ootd.config import DataConfig
     from ootd.encoder import load
     from ootd.eval_report import markdown_report, markdown_table, plot_precision, plot_style_matrices
+    from ootd.feature_cache import crops_files
 
     if split not in SPLITS:
         raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
@@ -159,23 +160,6 @@ def evaluate(
             "report": report,
         }
     )
-
-
-def crops_files(crops_dir: str | Path) -> list[Path]:
-    """The parquet files of a crops table (hidden temporary files of a running ingest are not read).
-
-    Raises:
-        FileNotFoundError: when the folder is missing or holds no parquet file.
-    """
-    root = Path(crops_dir).expanduser()
-    found = (
-        sorted(p for p in root.rglob("*.parquet") if p.is_file() and not p.name.startswith("."))
-        if root.is_dir()
-        else []
-    )
-    if not found:
-        raise FileNotFoundError(f"no crops table at {root}: expected *.parquet files written by `ootd ingest`")
-    return found
 
 
 def select_split(

@@ -91,17 +91,31 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def crops_files(crops_dir: str | Path) -> list[Path]:
+    """The parquet files of a crops table (hidden temporary files of a running ingest are not read).
+
+    Raises:
+        FileNotFoundError: when the folder is missing or holds no parquet file.
+    """
+    root = Path(crops_dir).expanduser()
+    found = (
+        sorted(p for p in root.rglob("*.parquet") if p.is_file() and not p.name.startswith("."))
+        if root.is_dir()
+        else []
+    )
+    if not found:
+        raise FileNotFoundError(f"no crops table at {root}: expected *.parquet files written by `ootd ingest`")
+    return found
+
+
 def crops_snapshot(crops_dir: str | Path) -> list[tuple[str, int]]:
     """(relative path, size) of every parquet file of the crops table: ingest only ever adds files.
 
     Raises:
         FileNotFoundError: when the folder holds no parquet files.
     """
-    root = Path(crops_dir)
-    files = sorted(p for p in root.rglob("*.parquet") if p.is_file()) if root.is_dir() else []
-    if not files:
-        raise FileNotFoundError(f"no crops table at {root}: expected *.parquet files written by `ootd ingest`")
-    return [(str(p.relative_to(root)), p.stat().st_size) for p in files]
+    root = Path(crops_dir).expanduser()
+    return [(str(p.relative_to(root)), p.stat().st_size) for p in crops_files(root)]
 
 
 def cache_key(backbone: str, unlocked_blocks: int, fingerprint: str, preprocess: dict, snapshot: list) -> str:
