@@ -37,7 +37,7 @@ def build_encoder(device: str):
     import open_clip
     import torch
 
-    from ootd.encoder import StyleEncoder
+    from ootd.model.encoder import StyleEncoder
 
     config = json.loads(MARQO_CONFIG.read_text())
     model_cfg = copy.deepcopy(config["model_cfg"])

@@ -63,7 +63,7 @@ def make_photos(folder: Path, n: int, size: int) -> None:
 
 def random_yolo(path: Path) -> Path:
     """A yolo11n built from its architecture yaml with random weights, saved as an ultralytics checkpoint."""
-    from ootd.detect import offline_ultralytics
+    from ootd.detect.yolo import offline_ultralytics
 
     offline_ultralytics().YOLO("yolo11n.yaml").save(str(path))
     return path
@@ -76,8 +76,8 @@ def sequential(cfg, folder: Path, threads: int) -> dict:
     from PIL import Image
 
     from ootd.decode import decode, encode_jpeg, image_id, read_file
-    from ootd.detect import Detector
-    from ootd.ingest import list_inputs
+    from ootd.detect.yolo import Detector
+    from ootd.ingest.pipeline import list_inputs
 
     torch.set_num_threads(threads)
     start = time.perf_counter()
@@ -143,7 +143,7 @@ class RayMemory:
 
 def pipeline(cfg, folder: Path, out: Path) -> dict:
     """The Ray Data pipeline, end to end (hash pass, decode tasks, detector actors, parquet writers)."""
-    from ootd.ingest import run_ingest
+    from ootd.ingest.pipeline import run_ingest
 
     shutil.rmtree(out, ignore_errors=True)
     with RayMemory() as memory:

@@ -18,7 +18,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ootd.store import MilvusStore  # noqa: E402
+from ootd.store.milvus import MilvusStore  # noqa: E402
 from ootd.styles import STYLES  # noqa: E402
 
 INSERT_CHUNK = 10_000  # rows handed to one upsert call (the store splits them into RPC batches)
@@ -56,7 +56,7 @@ def cold_reopen(path: str, dim: int, query: np.ndarray) -> tuple[float, float, i
     # The child reads its own VmHWM: RUSAGE_CHILDREN would report the parent's size at fork, kept across exec.
     code = (
         "import json, re, sys, time; sys.path.insert(0, sys.argv[1])\n"
-        "from ootd.store import MilvusStore\n"
+        "from ootd.store.milvus import MilvusStore\n"
         "t1 = time.perf_counter(); s = MilvusStore(sys.argv[2], dim=int(sys.argv[3]))\n"
         "hits = s.search(json.loads(sys.argv[4]), 10)\n"
         "t2 = time.perf_counter(); s.close()\n"

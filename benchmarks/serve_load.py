@@ -79,7 +79,7 @@ def export_model(backbone: str, tiny_model_cfg, out: Path) -> Path:
     """A model dir for `tiny`, or for Marqo-FashionSigLIP's exact architecture with random weights."""
     import torch
 
-    from ootd.encoder import StyleEncoder, new_model_version
+    from ootd.model.encoder import StyleEncoder, new_model_version
 
     torch.manual_seed(0)
     version = new_model_version()
@@ -130,7 +130,7 @@ def fill_index(cfg, version: str, n: int) -> None:
     """A live collection of n clustered vectors for `version` (closed again so the Index replica can open it)."""
     import hashlib
 
-    from ootd.store import MilvusStore
+    from ootd.store.milvus import MilvusStore
     from ootd.styles import STYLES
 
     vectors = clustered_vectors(n, cfg.model.embed_dim)
@@ -171,7 +171,7 @@ def bare_loop(cfg, model_dir: Path, images: list[bytes], batch_sizes: list[int],
 
 def milvus_direct(cfg, dim: int, batch: int, seconds: float) -> tuple[float, float]:
     """Queries/s of the store itself: `batch` single-query calls vs one call with `batch` queries."""
-    from ootd.store import MilvusStore
+    from ootd.store.milvus import MilvusStore
 
     queries = clustered_vectors(batch, dim, seed=2)
     rates = []
@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     from ootd.config import load_config, with_overrides
-    from ootd.index import model_info
+    from ootd.model.modeldir import model_info
 
     work = Path(tempfile.mkdtemp(prefix="ootd-serve-load-"))
     port = free_port()

@@ -93,9 +93,11 @@ def cache_vs_images(args: argparse.Namespace, tmp: Path) -> tuple[list[str], dic
     import torch
 
     from ootd.config import load_config, with_overrides
-    from ootd.feature_cache import build_encoder, decode_crop, decode_features
-    from ootd.losses import make_loss
-    from ootd.train_loop import make_optimizer, make_train_module, train_step, warmup_cosine
+    from ootd.decode import decode_crop
+    from ootd.model.encoder import build_encoder
+    from ootd.model.losses import make_loss
+    from ootd.train.feature_cache import decode_features
+    from ootd.train.worker import make_optimizer, make_train_module, train_step, warmup_cosine
 
     folder = write_random_marqo_dir(tmp / "marqo-random")
     cfg = with_overrides(load_config("default"), [f"model.backbone=local-dir:{folder}"])
@@ -162,7 +164,7 @@ def ddp_scaling(args: argparse.Namespace, tmp: Path) -> list[str]:
     import ray
 
     from ootd.config import load_config, with_overrides
-    from ootd.train import build_trainer, prepare_data
+    from ootd.train.driver import build_trainer, prepare_data
 
     sys.path.insert(0, str(REPO / "tests"))
     from crops_fixture import write_crops_table

@@ -56,7 +56,7 @@ def _fail(message: str) -> NoReturn:
 @contextlib.contextmanager
 def _user_errors() -> Iterator[None]:
     """Turns the library's input errors (missing files, bad values, unavailable models) into `_fail`."""
-    from ootd.backbones import ModelNotAvailable
+    from ootd.model.backbones import ModelNotAvailable
 
     try:
         yield
@@ -89,14 +89,9 @@ def _print_json(data: dict) -> None:
 
 @app.callback()
 def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    # Libraries that narrate their own start-up at INFO; their warnings still show.
-    for noisy in ("faiss", "faiss.loader", "milvus_lite"):
-        logging.getLogger(noisy).setLevel(logging.WARNING if not verbose else logging.DEBUG)
+    from ootd.logs import setup_logging
+
+    setup_logging(verbose)
 
 
 @app.command()
@@ -149,7 +144,7 @@ def ingest(
     address: AddressOpt = None,
 ) -> None:
     """Ray Data: decode, dedup, detect garments, crop outfits; writes the crops and errors tables."""
-    from ootd.ingest import run_ingest
+    from ootd.ingest.pipeline import run_ingest
 
     cfg = _config(config, overrides)
     source = source or cfg.data.source
@@ -187,8 +182,8 @@ def train_detector(
     address: AddressOpt = None,
 ) -> None:
     """Train a YOLO garment detector; reports mAP50 and median outfit-box IoU on the val split."""
-    from ootd import detector_training
     from ootd.config import save_config
+    from ootd.detect import training as detector_training
 
     cfg = _config(config, overrides)
     data = data.expanduser().resolve()
@@ -219,7 +214,7 @@ def train(
     address: AddressOpt = None,
 ) -> None:
     """Ray Train DDP fine-tuning of the head and top blocks; exports the best model dir."""
-    from ootd.train import run_training
+    from ootd.train.driver import run_training
 
     cfg = _config(config, overrides)
     workdir = workdir or Path(cfg.data.workdir)
@@ -248,7 +243,7 @@ def evaluate(
     overrides: SetOpt = None,
 ) -> None:
     """Retrieval metrics, style matrix and plots: frozen vs fine-tuned, crop vs whole image."""
-    from ootd.evaluate import evaluate as run
+    from ootd.evaluate.run import evaluate as run
 
     cfg = _config(config, overrides)
     _warn_if_relative(model_dir=model_dir, crops=crops, out=out)
@@ -343,11 +338,18 @@ def demo(
     port: Annotated[int, typer.Option(help="HTTP port of the app.")] = 8000,
 ) -> None:
     """Ingest → train → evaluate → index → serve on the embedded default, with synthetic outfits unless --images."""
+    import ray
+
     from ootd.demo import run_demo
 
     cfg = _config(config, overrides)
-    code = run_demo(cfg, overrides=overrides or [], images=images, workdir=workdir, keep_serving=keep_serving,
-                    port=port)
+    # The demo runs on a local Ray instance of its own (two CPUs: the machine the README promises it fits).
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True, ignore_reinit_error=True)
+    try:
+        code = run_demo(cfg, overrides=overrides or [], images=images, workdir=workdir, keep_serving=keep_serving,
+                        port=port)
+    finally:
+        ray.shutdown()
     raise typer.Exit(code)
 
 

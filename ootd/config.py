@@ -301,3 +301,22 @@ def _check_bounds(key: str, spec: dataclasses.Field, value: Any) -> None:
         raise ConfigError(f"{key} must be >= {lo}, got {value!r}")
     if hi is not None and value > hi:
         raise ConfigError(f"{key} must be <= {hi}, got {value!r}")
+
+
+def absolute_paths(config: Config) -> Config:
+    """The config with relative store/media/workdir paths made absolute against this process's cwd.
+
+    Ray workers and Serve replicas run with other working directories: paths must be fixed by the driver.
+    """
+    sets = []
+    uri = config.store.uri
+    if uri and "://" not in uri and not Path(uri).expanduser().is_absolute():
+        sets.append(f"store.uri={Path(uri).expanduser().absolute()}")
+    media = config.store.media
+    if media and ("://" not in media or media.startswith("file://")):
+        local = Path(media.removeprefix("file://")).expanduser()
+        if not local.is_absolute():
+            sets.append(f"store.media={local.absolute()}")
+    if not Path(config.data.workdir).expanduser().is_absolute():
+        sets.append(f"data.workdir={Path(config.data.workdir).expanduser().absolute()}")
+    return with_overrides(config, sets) if sets else config

@@ -8,7 +8,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import numpy as np
@@ -23,6 +23,7 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", 
 # Background that transparent pixels are composited onto: photos shown on white pages look like this.
 ALPHA_BACKGROUND = (255, 255, 255)
 
+IMAGE_ID_PATTERN = r"^[0-9a-f]{64}$"  # DESIGN §4; also the HTTP API's path/field pattern
 _PIL_BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
 
 
@@ -62,6 +63,17 @@ def image_id(data: bytes) -> str:
         data: the original file bytes.
     """
     return hashlib.sha256(data).hexdigest()
+
+
+def check_image_id(value: Any) -> str:
+    """Returns `value` if it is an image id (lowercase hex sha256), so it is safe in a path or an expression.
+
+    Raises:
+        ValueError: for anything else (path separators, `..`, upper case, wrong length, non-strings).
+    """
+    if not isinstance(value, str) or not re.fullmatch(IMAGE_ID_PATTERN, value):
+        raise ValueError(f"bad image id {value!r}: ids are lowercase hex sha256 (64 chars)")
+    return value
 
 
 def read_file(path: str | Path, max_bytes: int) -> bytes:
@@ -246,3 +258,18 @@ def encode_jpeg(image: Image.Image, max_side: int, quality: int = 92) -> bytes:
     buf = io.BytesIO()
     rgb.save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
+
+
+def decode_crop(data: bytes) -> Image.Image:
+    """Crop bytes written by ootd (crops table, serve pipeline) → RGB image, the same way at train, index and serve.
+
+    Raises:
+        InputError: when the bytes are not a readable image (stage `decode`).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, TypeError) as exc:
+        raise InputError(DECODE, f"undecodable crop: {exc}") from None

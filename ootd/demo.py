@@ -87,8 +87,6 @@ def run_demo(
     Returns:
         The process exit code.
     """
-    import ray
-
     from ootd.config import with_overrides
 
     workdir = workdir.resolve()
@@ -117,12 +115,11 @@ def run_demo(
             lambda: write_sample_data(workdir / "sample", per_style=SAMPLE_PER_STYLE, seed=0, size=256,
                                       overwrite=True),
         )
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True, ignore_reinit_error=True)
 
-    from ootd.evaluate import evaluate
+    from ootd.evaluate.run import evaluate
     from ootd.index import run_index
-    from ootd.ingest import run_ingest
-    from ootd.train import run_training
+    from ootd.ingest.pipeline import run_ingest
+    from ootd.train.driver import run_training
 
     ingest = stages.run("ingest", "2/6 ingest: decode, dedup, YOLO crop (Ray Data)",
                         lambda: run_ingest(config, source, workdir))
@@ -161,7 +158,6 @@ def run_demo(
         from ray import serve
 
         serve.shutdown()
-    ray.shutdown()
     return 0
 
 

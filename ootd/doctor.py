@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import importlib.metadata
-import os
 import platform
+import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,23 +40,29 @@ def versions() -> list[Check]:
     return checks
 
 
-def check_ray() -> Check:
-    """Starts a throwaway local Ray instance and runs one task on it."""
+# Runs in a child process: the doctor checks that Ray starts, and a library never starts Ray in its caller's process.
+_RAY_PROBE = """
+import sys, tempfile, ray
+with tempfile.TemporaryDirectory(prefix="ootd-doctor-", dir="/tmp") as tmp:
+    ray.init(num_cpus=1, include_dashboard=False, _temp_dir=tmp, log_to_driver=False, configure_logging=False)
     try:
-        import ray
+        sys.exit(0 if ray.get(ray.remote(lambda: 42).options(num_cpus=0.1).remote()) == 42 else 1)
+    finally:
+        ray.shutdown()
+"""
 
-        if ray.is_initialized():
-            return Check("ray", True, "already connected to a cluster")
-        with tempfile.TemporaryDirectory(prefix="ootd-doctor-", dir="/tmp") as tmp:
-            ray.init(num_cpus=1, include_dashboard=False, _temp_dir=tmp, log_to_driver=False, configure_logging=False)
-            try:
-                value = ray.get(ray.remote(lambda: 42).options(num_cpus=0.1).remote())
-            finally:
-                ray.shutdown()
-        return Check("ray", value == 42, "local Ray started and ran a task")
-    except Exception as exc:  # noqa: BLE001 - the doctor reports every failure instead of raising
-        return Check("ray", False, f"could not start: {exc}",
-                     fix="check /tmp is writable and no stale `ray start` holds ports")
+
+def check_ray() -> Check:
+    """Starts a throwaway local Ray instance in a child process and runs one task on it."""
+    fix = "check /tmp is writable and no stale `ray start` holds ports"
+    try:
+        done = subprocess.run([sys.executable, "-c", _RAY_PROBE], capture_output=True, text=True, timeout=180)
+    except subprocess.TimeoutExpired:
+        return Check("ray", False, "a local Ray instance did not start within 180 s", fix=fix)
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        return Check("ray", False, f"could not start: {tail[0]}", fix=fix)
+    return Check("ray", True, "local Ray started and ran a task")
 
 
 def check_milvus_lite() -> Check:
@@ -75,52 +82,24 @@ def check_milvus_lite() -> Check:
 
 
 def check_backbone(config: Config, required: bool) -> Check:
-    """Whether the configured backbone's weights are on this machine, without loading them."""
-    name = config.model.backbone
-    label = f"backbone {name}"
-    if name == "tiny":
-        return Check(label, True, "built in (offline test model, not fashion-aware)", required=required)
-    if name.startswith("local-dir:"):
-        folder = Path(name.removeprefix("local-dir:")).expanduser()
-        weights = [p for p in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin") if (folder / p).exists()]
-        if (folder / "open_clip_config.json").exists() and weights:
-            return Check(label, True, f"found {folder / weights[0]}", required=required)
-        return Check(
-            label, False, f"{folder} lacks open_clip_config.json or open_clip_model.safetensors",
-            fix=f"put the model files in {folder} (see README: Models)", required=required,
-        )  # fmt: skip
-    if name.startswith("hf-hub:"):
-        repo = name.removeprefix("hf-hub:")
-        path = _hf_cached(repo)
-        if path:
-            return Check(label, True, f"in the local Hugging Face cache ({path})", required=required)
-        return Check(
-            label, False, "weights not on this machine (nothing is downloaded at run time)",
-            fix=(f"on a machine with internet: `huggingface-cli download {repo} --local-dir DIR`, copy DIR here, "
-                 f"then pass `--set model.backbone=local-dir:DIR`"),
-            required=required,
-        )  # fmt: skip
-    return Check(label, False, "unknown backbone scheme", fix="use hf-hub:REPO, local-dir:PATH or tiny",
-                 required=required)
+    """Whether the configured backbone's weights are on this machine, without loading them (same lookup as loading)."""
+    from ootd.model.backbones import ModelNotAvailable, locate_weights
 
-
-def _hf_cached(repo: str) -> str | None:
+    label = f"backbone {config.model.backbone}"
     try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return None
-    for filename in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
-        found = try_to_load_from_cache(repo, filename)
-        if isinstance(found, str) and os.path.exists(found):
-            return found
-    return None
+        return Check(label, True, locate_weights(config.model.backbone), required=required)
+    except ModelNotAvailable as exc:
+        return Check(label, False, "weights not on this machine (nothing is downloaded at run time)", fix=str(exc),
+                     required=required)
+    except ValueError as exc:
+        return Check(label, False, str(exc), fix="use hf-hub:REPO, local-dir:PATH or tiny", required=required)
 
 
 def check_detector(config: Config, required: bool) -> Check:
     """Whether the configured detector weights resolve to a local file."""
     label = f"detector {config.detect.weights}"
     try:
-        from ootd.detect import resolve_weights
+        from ootd.detect.yolo import resolve_weights
 
         path = resolve_weights(config.detect.weights)
         return Check(label, True, f"found {path}", required=required)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import time
@@ -11,59 +10,22 @@ from typing import Any
 
 import numpy as np
 
-from ootd.config import Config, save_config
-from ootd.media import MediaStore, check_image_id
-from ootd.styles import STYLES
+from ootd.config import Config, absolute_paths, save_config
+from ootd.decode import InputError, decode_crop
+from ootd.logs import quiet_libraries
+from ootd.model.modeldir import model_info
+from ootd.store.media import MediaStore
+from ootd.store.rows import check_fields
+from ootd.tables import CROP_COLUMNS, crops_files, write_rows
 
 log = logging.getLogger(__name__)
 
-CROP_COLUMNS = ["image_id", "source", "style", "width", "height", "box", "det_score", "n_garments", "fallback", "crop"]
 # Rows per Milvus upsert from the driver: large enough to amortise the RPC, small enough to stream.
 UPSERT_ROWS = 512
-MAX_SOURCE_BYTES = 2048  # the store's VARCHAR limit; longer sources become error rows instead of failing a batch
 
 
 class IndexInterrupted(RuntimeError):
     """An index run stopped before finishing; the live alias was not moved."""
-
-
-def model_info(model_dir: str | Path) -> tuple[str, int]:
-    """(model version, embedding dim) of an exported model dir, read from its `ootd_model.json`.
-
-    Raises:
-        FileNotFoundError: when the dir is not an exported model.
-        ValueError: when the metadata lacks a version or dim.
-    """
-    meta_path = Path(model_dir) / "ootd_model.json"
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{model_dir} is not an exported ootd model dir (no ootd_model.json); "
-                                "train one with `ootd train` or pass the dir `StyleEncoder.export` wrote")
-    meta = json.loads(meta_path.read_text())
-    version, dim = meta.get("version"), meta.get("embed_dim")
-    if not isinstance(version, str) or not version or not isinstance(dim, int):
-        raise ValueError(f"{meta_path}: needs a string `version` and an integer `embed_dim`")
-    return version, dim
-
-
-def absolute_paths(config: Config) -> Config:
-    """The config with relative store/media/workdir paths made absolute against this process's cwd.
-
-    Ray workers and Serve replicas run with other working directories: paths must be fixed by the driver.
-    """
-    from ootd.config import with_overrides
-
-    sets = []
-    uri = config.store.uri
-    if uri and "://" not in uri and not Path(uri).expanduser().is_absolute():
-        sets.append(f"store.uri={Path(uri).expanduser().absolute()}")
-    media = config.store.media
-    if media and ("://" not in media or media.startswith("file://")):
-        local = Path(media.removeprefix("file://")).expanduser()
-        if not local.is_absolute():
-            sets.append(f"store.media={local.absolute()}")
-    if not Path(config.data.workdir).expanduser().is_absolute():
-        sets.append(f"data.workdir={Path(config.data.workdir).expanduser().absolute()}")
-    return with_overrides(config, sets) if sets else config
 
 
 class EmbedCrops:
@@ -74,8 +36,9 @@ class EmbedCrops:
     """
 
     def __init__(self, model_dir: str, media_url: str, precision: str, batch_size: int, device: str = "cpu"):
-        from ootd.encoder import load
+        from ootd.model.encoder import load
 
+        quiet_libraries()
         self.encoder = load(model_dir, device=device)
         self.media = MediaStore(media_url)
         self.precision, self.batch_size = precision, batch_size
@@ -89,10 +52,10 @@ class EmbedCrops:
         ok_rows: list[int] = []
         for i in range(n):
             try:
-                _check_row(batch, i)
-                images.append(_open_rgb(bytes(batch["crop"][i])))
+                _check_fields(batch, i)
+                images.append(decode_crop(bytes(batch["crop"][i])))
                 ok_rows.append(i)
-            except ValueError as exc:
+            except (ValueError, InputError) as exc:
                 errors[i] = str(exc)
         embeddings = np.zeros((n, self.encoder.embed_dim), dtype=np.float32)
         if images:
@@ -158,15 +121,13 @@ def run_index(
     """
     import ray
 
-    from ootd.store import MilvusStore
+    from ootd.store.milvus import MilvusStore
 
     started = time.monotonic()
     config = absolute_paths(config)
     crops_dir, model_dir = Path(crops_dir).absolute(), Path(model_dir).absolute()
     version, dim = model_info(model_dir)
-    files = sorted(str(p) for p in crops_dir.glob("*.parquet"))
-    if not files:
-        raise FileNotFoundError(f"no *.parquet files in {crops_dir}: run `ootd ingest` first")
+    files = [str(p) for p in crops_files(crops_dir)]
     out = Path(out).absolute() if out else Path(config.data.workdir) / "index" / version
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")
@@ -220,7 +181,7 @@ def run_index(
             "out": str(out),
         }
     if error_rows:
-        _write_errors(error_rows, out / "index_errors.parquet")
+        write_rows(error_rows, out / "index_errors.parquet", "index_errors")
     (out / "index_summary.json").write_text(json.dumps(summary, indent=2))
     log.info("indexed %d crops into %s (%d errors); live: %s", written, collection, len(error_rows), summary["live"])
     return summary
@@ -240,42 +201,14 @@ def _rows_of(batch: dict[str, np.ndarray]) -> tuple[list[dict], list[dict]]:
     return rows, failed
 
 
-def _write_errors(rows: list[dict], path: Path) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    table = pa.Table.from_pylist(rows, schema=pa.schema([("source", pa.string()), ("stage", pa.string()),
-                                                         ("error", pa.string()), ("image_id", pa.string())]))
-    tmp = path.with_suffix(".tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
-
-
-def _check_row(batch: dict[str, np.ndarray], i: int) -> None:
+def _check_fields(batch: dict[str, np.ndarray], i: int) -> None:
     """Raises ValueError for a row Milvus would reject, so it becomes an error row instead of failing a batch."""
-    check_image_id(batch["image_id"][i])
-    style = _text(batch["style"][i])
-    if style and style not in STYLES:
-        raise ValueError(f"unknown style {style!r} (known: {', '.join(STYLES)})")
-    if len(_text(batch["source"][i]).encode()) > MAX_SOURCE_BYTES:
-        raise ValueError(f"source longer than {MAX_SOURCE_BYTES} bytes")
-    box = _box(batch["box"][i])
-    if min(box) < 0 or box[2] < box[0] or box[3] < box[1]:
-        raise ValueError(f"bad box {box}: expected x1,y1,x2,y2 with x2>=x1>=0, y2>=y1>=0")
+    box = batch["box"][i]
+    check_fields(i, {"id": batch["image_id"][i], "style": _text(batch["style"][i]), "source": _text(batch["source"][i]),
+                     "box": [] if box is None else list(box), "meta": _meta(batch, i)}, now=0)
     crop = batch["crop"][i]
     if crop is None or len(crop) == 0:
         raise ValueError("empty crop bytes")
-
-
-def _open_rgb(data: bytes) -> Any:
-    """A crop written by ingest, decoded to RGB; ValueError when it is not a readable image."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise ValueError(f"undecodable crop: {exc}") from None
 
 
 def _text(value: Any) -> str:

@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from ootd.batches import BatcherStats, ClassBalancedBatcher, balanced_batches
+from ootd.train.batches import BatcherStats, ClassBalancedBatcher, balanced_batches
 
 
 def _stream(n_per_label: dict[int, int], seed: int = 0) -> list[tuple[int, str]]:

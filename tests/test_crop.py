@@ -1,11 +1,11 @@
-"""Box math of ootd.crop: union, pad, clamp, filtering, fallback and square padding."""
+"""Box math of ootd.detect.boxes: union, pad, clamp, filtering, fallback and square padding."""
 
 from __future__ import annotations
 
 import pytest
 from PIL import Image
 
-from ootd.crop import (
+from ootd.detect.boxes import (
     OutfitBox,
     box_iou,
     clamp_box,

@@ -1,4 +1,4 @@
-"""The committed garment detector through ootd.detect: outfit-box quality, filtering, batching, inputs, errors."""
+"""The committed garment detector through ootd.detect.yolo: outfit-box quality, filtering, batching, inputs, errors."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from ootd.config import load_config
-from ootd.crop import box_iou
-from ootd.detect import ASSETS_DIR, Detector, keep_torch_threads, resolve_weights
+from ootd.detect.boxes import box_iou
+from ootd.detect.yolo import ASSETS_DIR, Detector, keep_torch_threads, resolve_weights
 from ootd.styles import STYLES
 from ootd.synthetic import render_outfit
 
@@ -171,12 +171,12 @@ def test_import_is_light_and_ultralytics_is_made_offline_without_throttling_thre
     """In a fresh process: no ultralytics on import; after loading, offline switches on and threads kept."""
     code = f"""
 import os, sys
-import ootd.detect
-assert "ultralytics" not in sys.modules, "importing ootd.detect must not import ultralytics"
+import ootd.detect.yolo
+assert "ultralytics" not in sys.modules, "importing ootd.detect.yolo must not import ultralytics"
 import torch
 torch.set_num_threads(2)
 from ootd.config import load_config
-det = ootd.detect.Detector(load_config("tiny").detect)
+det = ootd.detect.yolo.Detector(load_config("tiny").detect)
 det.detect([__import__("numpy").zeros((64, 64, 3), "uint8")])
 from ultralytics.utils import SETTINGS
 assert os.environ["YOLO_OFFLINE"] == "1"
@@ -208,7 +208,7 @@ def test_train_detector_stays_offline_and_writes_weights_metrics_and_args(small_
 
     import yaml
 
-    from ootd.detector_training import train_detector
+    from ootd.detect.training import train_detector
 
     contacted: list = []
     connect, getaddrinfo = socket.socket.connect, socket.getaddrinfo

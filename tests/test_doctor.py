@@ -24,10 +24,10 @@ def test_doctor_names_the_missing_marqo_weights_and_passes_for_tiny(tmp_path):
 def test_doctor_fails_when_the_tiny_config_cannot_run(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    import ootd.detect
+    import ootd.detect.yolo
     from ootd.cli import app
 
-    monkeypatch.setattr(ootd.detect, "ASSETS_DIR", tmp_path)  # a checkout without the committed detector
+    monkeypatch.setattr(ootd.detect.yolo, "ASSETS_DIR", tmp_path)  # a checkout without the committed detector
     result = CliRunner().invoke(app, ["doctor", "--config", "tiny"])
     assert result.exit_code == 1, result.output
     assert "[FAIL] detector yolo-synthetic-garments.pt" in result.output

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from ootd.config import load_config, with_overrides
-from ootd.encoder import ModelNotAvailable, StyleEncoder, load, new_model_version
+from ootd.model.encoder import ModelNotAvailable, StyleEncoder, load, new_model_version
 
 MARQO_CONFIG = Path(__file__).parent / "data" / "marqo_open_clip_config.json"
 REPO = Path(__file__).resolve().parents[1]
@@ -81,7 +81,7 @@ def test_tiny_shapes_and_unit_norm(tiny):
 def test_tiny_is_registered_with_open_clip_idempotently(tiny):
     import open_clip
 
-    from ootd import backbones
+    from ootd.model import backbones
 
     backbones.register_tiny()
     backbones.register_tiny()
@@ -146,7 +146,7 @@ def test_load_in_a_fresh_process_registers_tiny_first(tiny, exported):
     code = (
         "import sys, numpy as np\n"
         "from PIL import Image\n"
-        "from ootd.encoder import load\n"
+        "from ootd.model.encoder import load\n"
         "rng = np.random.default_rng(5)\n"
         "ims = []\n"
         "for _ in range(3):\n"

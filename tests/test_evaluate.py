@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ootd.metrics import retrieval_metrics
+from ootd.evaluate.metrics import retrieval_metrics
 
 SPLIT = {"split": "test", "val_fraction": 0.0, "test_fraction": 0.5}
 RETRIEVAL_KEYS = [f"{m}@{k}" for m in ("P", "R", "mAP", "nDCG") for k in (1, 5, 10)] + ["MRR"]
@@ -63,7 +63,7 @@ def export_tuned_model(tiny_config, out: Path) -> Path:
     """A tiny model whose top block and head moved away from the shared initial weights, as fine-tuning does."""
     import torch
 
-    from ootd.feature_cache import build_encoder
+    from ootd.model.encoder import build_encoder
     from ootd.styles import STYLES
 
     encoder = build_encoder(tiny_config.model)
@@ -77,7 +77,7 @@ def export_tuned_model(tiny_config, out: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def evaluated(synthetic_set, tiny_config, tmp_path_factory):
-    from ootd.evaluate import evaluate
+    from ootd.evaluate.run import evaluate
 
     root = tmp_path_factory.mktemp("evaluate")
     crops = write_crops_table(synthetic_set, root)
@@ -127,8 +127,8 @@ def test_unreadable_photo_is_left_out_of_every_variant_and_unlabelled_rows_ignor
 def test_variants_use_the_right_model_and_image(evaluated):
     from PIL import Image
 
-    from ootd.encoder import load
-    from ootd.evaluate import frozen_baseline
+    from ootd.evaluate.run import frozen_baseline
+    from ootd.model.encoder import load
 
     rows = _test_rows(evaluated["crops"])
     styles = [r["style"] for r in rows]
@@ -152,9 +152,8 @@ def test_variants_use_the_right_model_and_image(evaluated):
 def test_frozen_baseline_is_the_untuned_starting_backbone(evaluated, tiny_config):
     import torch
 
-    from ootd.encoder import load
-    from ootd.evaluate import frozen_baseline
-    from ootd.feature_cache import build_encoder
+    from ootd.evaluate.run import frozen_baseline
+    from ootd.model.encoder import build_encoder, load
 
     baseline = frozen_baseline(evaluated["model_dir"]).visual.trunk
     start = build_encoder(tiny_config.model).visual.trunk
@@ -187,7 +186,7 @@ def test_report_plots_and_config_are_written(evaluated):
 
 
 def test_split_too_small_says_so(evaluated, tmp_path):
-    from ootd.evaluate import evaluate
+    from ootd.evaluate.run import evaluate
 
     with pytest.raises(ValueError, match="too small to evaluate.*at least 2 images in each of at least 2 styles"):
         evaluate(evaluated["model_dir"], evaluated["crops"], tmp_path, split="test", val_fraction=0.0,
@@ -196,8 +195,8 @@ def test_split_too_small_says_so(evaluated, tmp_path):
 
 
 def test_bad_inputs_raise_clear_errors(evaluated, tmp_path):
-    from ootd.encoder import ModelNotAvailable
-    from ootd.evaluate import evaluate
+    from ootd.evaluate.run import evaluate
+    from ootd.model.encoder import ModelNotAvailable
 
     with pytest.raises(FileNotFoundError, match="no crops table"):
         evaluate(evaluated["model_dir"], tmp_path / "nowhere", tmp_path / "out", progress=False)

@@ -13,18 +13,11 @@ import torch
 from PIL import Image
 
 from ootd.config import with_overrides
-from ootd.feature_cache import (
-    BoundaryFeatures,
-    build_encoder,
-    build_feature_cache,
-    cache_key,
-    crops_snapshot,
-    decode_crop,
-    decode_features,
-    read_cache,
-    weights_fingerprint,
-)
-from ootd.train_loop import make_train_module
+from ootd.decode import decode_crop
+from ootd.model.encoder import build_encoder, weights_fingerprint
+from ootd.tables import crops_snapshot
+from ootd.train.feature_cache import BoundaryFeatures, build_feature_cache, cache_key, decode_features, read_cache
+from ootd.train.worker import make_train_module
 from tests.crops_fixture import write_crops_table
 
 

@@ -12,9 +12,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ootd.config import with_overrides
-from ootd.index import IndexInterrupted, absolute_paths, model_info, run_index
-from ootd.media import MediaStore
+from ootd.config import absolute_paths, with_overrides
+from ootd.index import IndexInterrupted, run_index
+from ootd.model.modeldir import model_info
+from ootd.store.media import MediaStore
 
 CROPS_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("source", pa.string()), ("style", pa.string()), ("width", pa.int32()),
@@ -29,9 +30,9 @@ def write_detected_crops(sample_dir: Path, crops_dir: Path, detect_cfg, crop_max
     Returns:
         The crops folder (`files` parquet files).
     """
-    from ootd.crop import crop_image
     from ootd.decode import decode, encode_jpeg, to_array
-    from ootd.detect import Detector
+    from ootd.detect.boxes import crop_image
+    from ootd.detect.yolo import Detector
 
     manifest = pd.read_parquet(sample_dir / "manifest.parquet")
     detector = Detector(detect_cfg)
@@ -59,7 +60,7 @@ def export_tiny(tiny_config, out: Path, seed: int) -> Path:
     """A tiny encoder (random weights from `seed`) exported like a trained model."""
     import torch
 
-    from ootd.encoder import StyleEncoder
+    from ootd.model.encoder import StyleEncoder
 
     torch.manual_seed(seed)
     return StyleEncoder.from_config(tiny_config.model).export(out)
@@ -143,7 +144,7 @@ def indexed(ray_session, tiny_config, synthetic_set, tmp_path_factory):
 
 
 def _store(cfg):
-    from ootd.store import MilvusStore
+    from ootd.store.milvus import MilvusStore
 
     return MilvusStore.from_config(cfg.store, dim=cfg.model.embed_dim)
 
@@ -167,11 +168,11 @@ def test_index_fills_a_collection_moves_the_alias_and_reruns_without_duplicates(
     again = run_index(cfg, indexed["crops"], indexed["a"], batch_size=16)
     assert again["written"] == n and again["count"] == n  # upsert by id: the rerun adds nothing
 
-    from ootd.encoder import load
-    from ootd.index import _open_rgb
+    from ootd.decode import decode_crop
+    from ootd.model.encoder import load
 
     first = table.iloc[0]
-    vector = load(indexed["a"]).embed([_open_rgb(first["crop"])])[0]
+    vector = load(indexed["a"]).embed([decode_crop(first["crop"])])[0]
     with _store(cfg) as store:
         assert store.count() == n
         (hits,) = store.search(vector, 3)

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from ootd.ingest import list_inputs, read_done, run_ingest
+from ootd.ingest.pipeline import list_inputs, read_done, run_ingest
 from tests.bad_images import encode, exif_rotated_jpeg, gray16, png_bomb, rgba_with_hole, truncated
 
 GOOD_STYLES = ("Casual", "Gorpcore", "Street")  # 6 photos each in the synthetic_set fixture
@@ -288,7 +288,7 @@ def test_ingest_job_on_the_synthetic_set(ray_cluster, synthetic_set, tiny_config
     # The boxes are exactly what the detector gives for these photos in this process (batching may move a
     # box edge by a pixel), so the pipeline neither shifts, scales nor mixes up rows.
     from ootd.decode import decode, to_array
-    from ootd.detect import Detector
+    from ootd.detect.yolo import Detector
 
     direct = Detector(tiny_config.detect).outfit_boxes(
         [to_array(decode(Path(s).read_bytes(), 10**8)) for s in merged.source]

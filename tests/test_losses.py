@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ootd.losses import batch_hard_triplet_loss, make_loss, pairwise_contrastive_loss, supcon_loss
+from ootd.model.losses import batch_hard_triplet_loss, make_loss, pairwise_contrastive_loss, supcon_loss
 
 # Three unit vectors in the plane: cos(e0, e1) = 0.6, cos(e0, e2) = 0, cos(e1, e2) = 0.8.
 E3 = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from ootd.metrics import (
+from ootd.evaluate.metrics import (
     matrix_summary,
     ranking_metrics,
     retrieval_metrics,

@@ -33,16 +33,16 @@ def train_briefly(tiny_config, crops_dir: Path, models_dir: Path) -> Path:
     """
     import torch
 
-    from ootd.encoder import StyleEncoder, new_model_version
-    from ootd.index import _open_rgb
-    from ootd.losses import make_loss
+    from ootd.decode import decode_crop
+    from ootd.model.encoder import StyleEncoder, new_model_version
+    from ootd.model.losses import make_loss
 
     table = pq.read_table(crops_dir).to_pandas()
     torch.manual_seed(0)
     encoder = StyleEncoder.from_config(tiny_config.model)
     encoder.freeze(0)
     with torch.no_grad():
-        features = encoder.boundary_features(encoder.preprocess([_open_rgb(c) for c in table["crop"]]), 0)
+        features = encoder.boundary_features(encoder.preprocess([decode_crop(c) for c in table["crop"]]), 0)
     labels = torch.tensor([STYLES.index(s) for s in table["style"]])
     head, _ = encoder.parameter_groups()
     optimiser = torch.optim.Adam(head, lr=1e-2)
@@ -167,8 +167,8 @@ def test_serve_config_yaml_builds_the_app(monkeypatch, tmp_path):
 
 
 def test_model_dir_resolution(tiny_config, tmp_path):
-    from ootd.serve.api import Unavailable
     from ootd.serve.app import resolve_model_dir
+    from ootd.serve.backend import Unavailable
 
     cfg = with_overrides(tiny_config, [f"data.workdir={tmp_path}"])
     with pytest.raises(Unavailable, match="ootd index"):

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from conftest import free_port
 
-from ootd.store import Hit, MilvusStore
-from ootd.store_rows import check_row, filter_expr
+from ootd.store.milvus import Hit, MilvusStore
+from ootd.store.rows import check_row, filter_expr
 from ootd.styles import STYLES
 
 DIM = 16
@@ -297,7 +297,7 @@ def test_lite_file_persists_and_is_released_on_close(tmp_path):
         assert s.search(vectors[2], top_k=1)[0][0].id == sha(2)
     # Another process can open the file once this one closed it, and sees the same data.
     code = (
-        "import sys; from ootd.store import MilvusStore\n"
+        "import sys; from ootd.store.milvus import MilvusStore\n"
         f"s = MilvusStore({str(path)!r}, dim={DIM})\n"
         f"print(s.model_version(), s.count(), s.search({vectors[3].tolist()!r}, 1)[0][0].id); s.close()\n"
     )
@@ -309,7 +309,7 @@ def test_lite_file_persists_and_is_released_on_close(tmp_path):
 def test_lite_file_held_by_another_process_is_a_clear_error(tmp_path):
     path = tmp_path / "m.db"
     code = (
-        "import sys; from ootd.store import MilvusStore\n"
+        "import sys; from ootd.store.milvus import MilvusStore\n"
         f"s = MilvusStore({str(path)!r}, dim={DIM}); print('open', flush=True); sys.stdin.read()\n"
     )
     holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)

@@ -19,10 +19,10 @@ import torch
 from PIL import Image
 
 from ootd.config import with_overrides
-from ootd.feature_cache import build_encoder
+from ootd.model.encoder import build_encoder
 from ootd.splits import split_of
-from ootd.train import prepare_data, run_training
-from ootd.train_loop import (
+from ootd.train.driver import prepare_data, run_training
+from ootd.train.worker import (
     _check_compatible,
     load_trainable,
     make_optimizer,
@@ -74,7 +74,7 @@ def test_optimizer_separates_head_and_backbone_and_skips_decay_on_1d(tiny_config
 
 @pytest.mark.parametrize("bf16", [False, True])
 def test_train_steps_lower_the_loss_and_touch_only_unlocked_weights(tiny_config, bf16):
-    from ootd.losses import make_loss
+    from ootd.model.losses import make_loss
 
     cfg = with_overrides(tiny_config, ["model.unlocked_blocks=1", "train.lr_backbone=1e-3"])
     encoder = build_encoder(cfg.model)
@@ -199,7 +199,7 @@ def test_label_map_is_the_sorted_train_styles_and_unlabelled_rows_never_train(ti
 
 
 def _val_p_at_10(encoder_fn, crops: Path, val_fraction: float) -> float:
-    from ootd.metrics import retrieval_metrics
+    from ootd.evaluate.metrics import retrieval_metrics
 
     table = pd.read_parquet(crops)
     table = table[table["style"].notna()]
@@ -220,7 +220,7 @@ def _submit(ray_cluster, args: list[str], tries: int = 12):
 
 @pytest.mark.slow
 def test_train_job_ddp_exports_a_model_that_beats_the_frozen_backbone(ray_cluster, tmp_path_factory, tiny_config):
-    from ootd.encoder import load
+    from ootd.model.encoder import load
     from ootd.synthetic import write_sample_data
 
     # A bigger set than the session fixture so validation P@10 has enough same-style neighbours to mean something.
@@ -324,7 +324,7 @@ def test_a_killed_training_worker_is_restarted_and_the_run_completes(ray_session
 
 
 def test_schedule_can_be_re_aimed_when_an_epoch_forms_more_batches_than_estimated():
-    from ootd.train_loop import set_total_steps
+    from ootd.train.worker import set_total_steps
 
     param = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([param], lr=1.0)

@@ -7,13 +7,15 @@ import hmac
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Protocol
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ootd.decode import IMAGE_ID_PATTERN
+from ootd.serve.backend import Backend, Unavailable
 from ootd.serve.parsing import (
     MAX_SOURCE_BYTES,
     form_item_fields,
@@ -25,6 +27,7 @@ from ootd.serve.parsing import (
     unit_vector,
     validate,
 )
+from ootd.store.rows import Hit
 from ootd.styles import STYLES
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -32,7 +35,7 @@ MAX_TOP_K = 100
 MAX_IDS = 1000  # ids in one exclude list / recommend request: keeps the Milvus filter expression bounded
 MAX_JSON_BYTES = 1 << 20
 
-Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="lowercase hex sha256 of the image bytes")]
+Sha256 = Annotated[str, Field(pattern=IMAGE_ID_PATTERN, description="lowercase hex sha256 of the image bytes")]
 StyleName = Literal[STYLES]  # type: ignore[valid-type]
 TopK = Annotated[int, Field(ge=1, le=MAX_TOP_K, description="number of results")]
 
@@ -80,17 +83,6 @@ class RecommendRequest(_Strict):
         if len(set(self.liked) | set(self.disliked)) > MAX_IDS:
             raise ValueError(f"at most {MAX_IDS} distinct liked and disliked ids together")
         return self
-
-
-class Hit(BaseModel):
-    """One indexed outfit and its cosine similarity to the query."""
-
-    id: str
-    score: float
-    style: str
-    source: str
-    box: list[int]
-    meta: dict[str, Any] = Field(default_factory=dict)
 
 
 class Outfit(BaseModel):
@@ -141,27 +133,6 @@ class WriteResponse(BaseModel):
     style: str | None = None
     outfit: Outfit | None = None
     deleted: bool | None = None
-
-
-class Unavailable(RuntimeError):
-    """The app cannot answer right now: no live collection, or it holds another model's vectors."""
-
-
-# -- what the routes need from the app --------------------------------------------------------------------------------
-
-
-class Backend(Protocol):
-    """The deployments behind the routes (implemented by the Ingress deployment)."""
-
-    async def embed(self, image: bytes, want_crop: bool = False) -> dict[str, Any]: ...
-    async def search(self, vector: list[float], filters: SearchFilters, model_version: str | None = None
-                     ) -> dict[str, Any]: ...
-    async def get(self, ids: list[str]) -> list[dict[str, Any]]: ...
-    async def upsert(self, row: dict[str, Any], crop: bytes, model_version: str) -> None: ...
-    async def delete(self, image_id: str) -> bool: ...
-    async def read_image(self, image_id: str) -> bytes | None: ...
-    async def stats(self) -> dict[str, Any]: ...
-    async def ready(self) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -12,15 +13,17 @@ from typing import Any
 import numpy as np
 from ray import serve
 
-from ootd.config import Config, load_config
-from ootd.index import absolute_paths, model_info
-from ootd.serve.api import ApiSettings, SearchFilters, Unavailable, create_api
+from ootd.config import Config, absolute_paths, load_config
+from ootd.logs import quiet_libraries
+from ootd.model.modeldir import model_info
+from ootd.serve.api import ApiSettings, SearchFilters, create_api
+from ootd.serve.backend import Unavailable
 from ootd.serve.pipeline import OutfitPipeline
+from ootd.store.milvus import is_server_uri
 
 log = logging.getLogger(__name__)
 
 APP_NAME = "ootd"
-_SERVER_SCHEMES = ("http://", "https://", "tcp://")
 LIVE_TTL_S = 1.0
 
 
@@ -48,6 +51,7 @@ class Encoder:
 
     async def __init__(self, config: Config, model_dir: str, index: Any):
         """Loads the pipeline; without a model dir, asks the Index which model the live collection holds."""
+        quiet_libraries()
         live = None if model_dir or config.serve.model_dir else await index.model_version.remote()
         path = resolve_model_dir(config, model_dir, live)
         self.pipeline = await asyncio.to_thread(OutfitPipeline, config, path)
@@ -83,8 +87,9 @@ class Index:
             batched: batch concurrent searches (False: one Milvus call per request, the benchmark baseline).
             max_batch_size: most searches merged into one call.
         """
-        from ootd.store import MilvusStore
+        from ootd.store.milvus import MilvusStore
 
+        quiet_libraries()
         self.store = MilvusStore.from_config(config.store, dim=config.model.embed_dim)
         self.batched = batched
         self._search_batch.set_max_batch_size(max_batch_size)
@@ -142,7 +147,7 @@ class Index:
             vectors = np.asarray([queries[i]["vector"] for i in members], dtype=np.float32)
             hits = self.store.search(vectors, top_k, styles=list(styles) or None, exclude_ids=list(exclude) or None)
             for i, found in zip(members, hits, strict=True):
-                out[i] = {"hits": [_hit_dict(h) for h in found[: queries[i]["top_k"]]], "model_version": live}
+                out[i] = {"hits": [dataclasses.asdict(h) for h in found[: queries[i]["top_k"]]], "model_version": live}
         return out
 
     def get(self, ids: list[str]) -> list[dict[str, Any]] | dict[str, str]:
@@ -185,11 +190,6 @@ class Index:
         return self.store.ping()
 
 
-def _hit_dict(hit: Any) -> dict[str, Any]:
-    return {"id": hit.id, "score": hit.score, "style": hit.style, "source": hit.source, "box": list(hit.box),
-            "meta": hit.meta}
-
-
 def _checked(result: Any) -> Any:
     """A deployment's result, or Unavailable for the `error` dicts deployments return for a missing collection."""
     if isinstance(result, dict) and "error" in result:
@@ -203,8 +203,9 @@ class Ingress:
     """HTTP front: validation, limits, decoding (see `ootd.serve.api`); work goes to Encoder and Index."""
 
     def __init__(self, config: Config, encoder: Any, index: Any):
-        from ootd.media import MediaStore
+        from ootd.store.media import MediaStore
 
+        quiet_libraries()
         self.config, self.encoder, self.index = config, encoder, index
         self.media = MediaStore(config.store.media)
         self.settings = ApiSettings(embed_dim=config.model.embed_dim, api_key=config.serve.api_key,
@@ -290,7 +291,7 @@ def deployment_options(config: Config) -> dict[str, dict[str, Any]]:
                    "target_ongoing_requests": s.target_ongoing_requests}
     index: dict[str, Any] = {"ray_actor_options": {"num_cpus": s.index_num_cpus},
                              "max_ongoing_requests": 2 * index_batch_size(config)}
-    if config.store.uri.startswith(_SERVER_SCHEMES):
+    if is_server_uri(config.store.uri):
         index["autoscaling_config"] = {**autoscaling, "min_replicas": max(1, s.min_replicas)}
     else:
         index["num_replicas"] = 1

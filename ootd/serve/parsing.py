@@ -10,10 +10,9 @@ from typing import Any
 from fastapi import HTTPException, Request
 from pydantic import BaseModel, ValidationError
 
+from ootd.store.rows import MAX_META_BYTES, MAX_SOURCE_BYTES
 from ootd.styles import STYLES
 
-MAX_SOURCE_BYTES = 2048  # the store's VARCHAR limit
-MAX_META_BYTES = 65_536  # Milvus' JSON field limit
 FORM_OVERHEAD = 64 << 10  # multipart boundaries and text fields beside the image
 IMAGE_TYPES = ("image/", "application/octet-stream")
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,8 +26,8 @@ class OutfitPipeline:
             model_dir: an exported model dir.
             device: torch device of the encoder.
         """
-        from ootd.detect import Detector
-        from ootd.encoder import load
+        from ootd.detect.yolo import Detector
+        from ootd.model.encoder import load
 
         self.detector = Detector(config.detect)
         self.encoder = load(model_dir, device=device)
@@ -49,10 +48,9 @@ class OutfitPipeline:
             Per photo: `embedding` (float32 array), `box`, `det_score`, `n_garments`, `fallback`, `width`,
             `height`, `model_version`, `crop` (JPEG bytes or None); or only `error` (a message).
         """
-        from PIL import Image
 
-        from ootd.crop import crop_image
-        from ootd.decode import InputError, decode, encode_jpeg, to_array
+        from ootd.decode import InputError, decode, decode_crop, encode_jpeg, to_array
+        from ootd.detect.boxes import crop_image
 
         want_crop = list(want_crop) if want_crop is not None else [False] * len(images)
         results: list[dict[str, Any]] = [{} for _ in images]
@@ -69,7 +67,7 @@ class OutfitPipeline:
         # encode_jpeg's default quality is the one ingest writes crops with.
         jpegs = [encode_jpeg(crop_image(image, ob.box), self.max_side)
                  for image, ob in zip(decoded, boxes, strict=True)]
-        crops = [Image.open(io.BytesIO(data)).convert("RGB") for data in jpegs]
+        crops = [decode_crop(data) for data in jpegs]
         vectors = self.encoder.embed(crops, batch_size=len(crops), precision=self.precision)
         for k, i in enumerate(where):
             ob, image = boxes[k], decoded[k]

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import secrets
 import shutil
 import uuid
 from collections.abc import Iterable, Sequence
@@ -15,28 +15,33 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ootd import backbones
-from ootd.backbones import ModelNotAvailable
+from ootd.model import backbones
+from ootd.model.backbones import ModelNotAvailable
+from ootd.model.modeldir import (
+    BACKBONE_WEIGHTS,
+    FORMAT_VERSION,
+    HEAD_WEIGHTS,
+    MODEL_META,
+    OPEN_CLIP_CONFIG,
+    model_info,
+    new_model_version,
+)
 
 if TYPE_CHECKING:
     from PIL import Image
 
     from ootd.config import Config, ModelConfig
 
-__all__ = ["ModelNotAvailable", "StyleEncoder", "load", "new_model_version"]
+__all__ = [
+    "ModelNotAvailable", "StyleEncoder", "build_encoder", "load", "model_info", "new_model_version",
+    "weights_fingerprint",
+]
 
-MODEL_META = "ootd_model.json"
-HEAD_WEIGHTS = "head.safetensors"
-BACKBONE_WEIGHTS = "open_clip_model.safetensors"
-OPEN_CLIP_CONFIG = "open_clip_config.json"
-FORMAT_VERSION = 1
 HEADS = ("linear", "mlp")
 PRECISIONS = ("fp32", "bf16")
-
-
-def new_model_version() -> str:
-    """A fresh, sortable model version such as `v20261123t193000_ab12cd` (valid in a Milvus collection name)."""
-    return datetime.now(timezone.utc).strftime("v%Y%m%dt%H%M%S") + "_" + secrets.token_hex(3)
+# Fixed init seed: a backbone built from a name (`tiny`) must come out identical in the cache job, every training
+# worker and the export, or cached activations would not match the blocks trained on top of them.
+INIT_SEED = 0
 
 
 def build_head(kind: str, feature_dim: int, embed_dim: int, hidden: int) -> torch.nn.Module:
@@ -161,7 +166,7 @@ class StyleEncoder(torch.nn.Module):
         """
         from PIL import Image
 
-        from ootd.crop import pad_to_square
+        from ootd.detect.boxes import pad_to_square
 
         for i, image in enumerate(images):
             if not isinstance(image, Image.Image):
@@ -424,3 +429,29 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"cannot write {type(value).__name__} to {MODEL_META}")
+
+
+def build_encoder(model: ModelConfig) -> StyleEncoder:
+    """Builds the encoder the same way everywhere (cache actors, training workers, export).
+
+    Args:
+        model: the model section of the config.
+    """
+    # fork_rng keeps the caller's RNG stream untouched while the build draws from a fixed seed.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(INIT_SEED)
+        return StyleEncoder.from_config(model)
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """A cheap hash of every tensor's name, shape and a strided sample of its values.
+
+    It tells apart two differently initialised or loaded backbones without hashing hundreds of MB.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)].to("cpu", torch.float32).contiguous().numpy()
+        digest.update(f"{name}:{tuple(tensor.shape)}".encode())
+        digest.update(sample.tobytes())
+    return digest.hexdigest()[:16]

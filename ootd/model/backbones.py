@@ -4,20 +4,9 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-
-class _OpenClipChatter(logging.Filter):
-    """open_clip narrates every model build at INFO on the root logger; keep its warnings, drop the narration."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or f"{os.sep}open_clip{os.sep}" not in record.pathname
-
-
-logging.getLogger().addFilter(_OpenClipChatter())
 
 if TYPE_CHECKING:
     import torch
@@ -159,6 +148,26 @@ def create_open_clip(backbone: str, allow_download: bool = False) -> tuple[torch
         f"unknown backbone {backbone!r}: use 'hf-hub:ORG/REPO' (e.g. hf-hub:Marqo/marqo-fashionSigLIP), "
         f"'local-dir:PATH' (a folder with open_clip_config.json and open_clip_model.safetensors) or 'tiny'"
     )
+
+
+def locate_weights(backbone: str) -> str:
+    """Where a backbone's weights are on this machine, found the way `create_open_clip` finds them, without loading.
+
+    Raises:
+        ModelNotAvailable: weights missing locally (the message names the fix).
+        ValueError: an unknown backbone name.
+    """
+    if backbone == TINY:
+        return "built in (offline test model, not fashion-aware)"
+    if backbone.startswith(LOCAL_DIR_PREFIX):
+        return str(check_local_dir(backbone[len(LOCAL_DIR_PREFIX):]))
+    if backbone.startswith(HF_HUB_PREFIX):
+        repo_id = backbone[len(HF_HUB_PREFIX):].strip()
+        snapshot = cached_hub_snapshot(repo_id) if repo_id else None
+        if snapshot is None:
+            raise ModelNotAvailable(_missing_hub_message(repo_id))
+        return f"in the local Hugging Face cache ({snapshot})"
+    raise ValueError(f"unknown backbone {backbone!r}: use hf-hub:ORG/REPO, local-dir:PATH or tiny")
 
 
 def _read_model_cfg(folder: Path) -> dict[str, Any]:

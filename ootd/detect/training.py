@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ootd.crop import box_iou, union_box
+from ootd.detect.boxes import box_iou, union_box
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 # Arguments that keep ultralytics off the network and out of the working directory whatever the caller passes.
@@ -72,7 +72,7 @@ def train_detector(
     """
     import yaml
 
-    from ootd.detect import keep_torch_threads, offline_ultralytics
+    from ootd.detect.yolo import keep_torch_threads, offline_ultralytics
 
     data_yaml = Path(data_yaml).expanduser().resolve()
     if not data_yaml.is_file():
@@ -157,7 +157,7 @@ def _train_to_bytes(data_yaml: str, kwargs: dict[str, Any]) -> dict[str, bytes]:
 
 def _model_source(model: str) -> str:
     """A local `.pt` (never downloaded), an architecture YAML on disk or in ootd/assets, or an ultralytics YAML."""
-    from ootd.detect import ASSETS_DIR, resolve_weights
+    from ootd.detect.yolo import ASSETS_DIR, resolve_weights
 
     if not model.endswith((".yaml", ".yml")):
         return str(resolve_weights(model))
@@ -201,7 +201,7 @@ def evaluate_outfit_boxes(
     from PIL import Image
 
     from ootd.config import DetectConfig
-    from ootd.detect import Detector
+    from ootd.detect.yolo import Detector
 
     names, images = split_images(data_yaml, split)
     cfg = DetectConfig(weights=str(weights), class_ids=tuple(range(len(names))), conf=conf, imgsz=imgsz,

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ootd.crop import OutfitBox, outfit_box
+from ootd.detect.boxes import OutfitBox, outfit_box
 
 if TYPE_CHECKING:
     from ootd.config import DetectConfig

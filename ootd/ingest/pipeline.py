@@ -16,7 +16,7 @@ Every file is written under a temporary name and renamed once complete (Ray's `w
 so a killed job could leave a half-written file): an interrupted run leaves only complete files. Re-running
 skips sources already in either table and ids already in `crops/`; new files carry a new run id and old files
 are never rewritten. An error is final for its source: to retry failed inputs, delete the `errors/` files.
-The stages themselves live in `ootd.ingest_stages`.
+The stages themselves live in `ootd.ingest.stages`.
 """
 
 from __future__ import annotations
@@ -31,17 +31,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ootd.decode import IMAGE_EXTENSIONS
-from ootd.ingest_stages import (
-    CROPS_DIR,
-    ERRORS_DIR,
-    DetectCrop,
-    WriteTables,
-    decode_batch,
-    hash_batch,
-    schemas,
-    stats_row,
-    write_table,
-)
+from ootd.ingest.stages import DetectCrop, WriteTables, decode_batch, hash_batch, stats_row
+from ootd.tables import CROPS_DIR, ERRORS_DIR, count_rows, read_columns, schemas, write_table
 
 if TYPE_CHECKING:
     from ootd.config import Config
@@ -144,17 +135,9 @@ def read_done(out_dir: str | Path) -> tuple[set[str], set[str]]:
     Returns:
         (sources in crops/ or errors/, image ids in crops/).
     """
-    import pyarrow.parquet as pq
-
-    sources: set[str] = set()
-    ids: set[str] = set()
-    for name, columns in ((CROPS_DIR, ["source", "image_id"]), (ERRORS_DIR, ["source"])):
-        for file in sorted((Path(out_dir) / name).glob("*.parquet")):
-            table = pq.read_table(file, columns=columns)
-            sources.update(table.column("source").to_pylist())
-            if "image_id" in columns:
-                ids.update(table.column("image_id").to_pylist())
-    return sources, ids
+    crops = read_columns(Path(out_dir) / CROPS_DIR, ["source", "image_id"])
+    errors = read_columns(Path(out_dir) / ERRORS_DIR, ["source"])
+    return set(crops["source"]) | set(errors["source"]), set(crops["image_id"])
 
 
 def run_ingest(config: Config, source: str | Path, out_dir: str | Path, *, limit: int | None = None) -> dict:
@@ -224,7 +207,7 @@ def run_ingest(config: Config, source: str | Path, out_dir: str | Path, *, limit
                              skipped=len(inputs) - len(todo), duplicates=duplicates)  # fmt: skip
     summary["hash_seconds"] = round(hash_seconds, 3)  # wall time of listing + the hash/dedup pass
     summary["seconds"] = round(time.perf_counter() - started, 3)
-    summary["crops_total"] = _count_rows(out / CROPS_DIR)
+    summary["crops_total"] = count_rows(out / CROPS_DIR)
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -267,12 +250,6 @@ def _hash_and_dedup(
 def _blocks(rows: int, num_blocks: int, rows_per_block: int) -> int:
     """At least `data.num_blocks` blocks (never more than rows), each of at most `rows_per_block` inputs."""
     return min(rows, max(num_blocks, -(-rows // rows_per_block)))
-
-
-def _count_rows(folder: Path) -> int:
-    import pyarrow.parquet as pq
-
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in folder.glob("*.parquet"))
 
 
 class _Totals:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -17,21 +16,21 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ootd.decode import decode_crop
+from ootd.logs import quiet_libraries
+from ootd.model.encoder import build_encoder, weights_fingerprint
+from ootd.placement import gpu_requested
+from ootd.tables import crops_snapshot, read_columns
+
 if TYPE_CHECKING:
     import pyarrow as pa
-    import torch
-    from PIL import Image
 
     from ootd.config import Config, ModelConfig
-    from ootd.encoder import StyleEncoder
 
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
 MANIFEST = "cache.json"
-# Fixed init seed: a backbone built from a name (`tiny`) must come out identical in the cache job, every training
-# worker and the export, or cached activations would not match the blocks trained on top of them.
-INIT_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -59,65 +58,6 @@ class FeatureCache:
     reused: bool = False
 
 
-def build_encoder(model: ModelConfig) -> StyleEncoder:
-    """Builds the encoder the same way everywhere (cache actors, training workers, export).
-
-    Args:
-        model: the model section of the config.
-    """
-    import torch
-
-    from ootd.encoder import StyleEncoder
-
-    # fork_rng keeps the caller's RNG stream untouched while the build draws from a fixed seed.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(INIT_SEED)
-        return StyleEncoder.from_config(model)
-
-
-def weights_fingerprint(module: torch.nn.Module) -> str:
-    """A cheap hash of every tensor's name, shape and a strided sample of its values.
-
-    It tells apart two differently initialised or loaded backbones without hashing hundreds of MB.
-    """
-    import torch
-
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        flat = tensor.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 4096)].to("cpu", torch.float32).contiguous().numpy()
-        digest.update(f"{name}:{tuple(tensor.shape)}".encode())
-        digest.update(sample.tobytes())
-    return digest.hexdigest()[:16]
-
-
-def crops_files(crops_dir: str | Path) -> list[Path]:
-    """The parquet files of a crops table (hidden temporary files of a running ingest are not read).
-
-    Raises:
-        FileNotFoundError: when the folder is missing or holds no parquet file.
-    """
-    root = Path(crops_dir).expanduser()
-    found = (
-        sorted(p for p in root.rglob("*.parquet") if p.is_file() and not p.name.startswith("."))
-        if root.is_dir()
-        else []
-    )
-    if not found:
-        raise FileNotFoundError(f"no crops table at {root}: expected *.parquet files written by `ootd ingest`")
-    return found
-
-
-def crops_snapshot(crops_dir: str | Path) -> list[tuple[str, int]]:
-    """(relative path, size) of every parquet file of the crops table: ingest only ever adds files.
-
-    Raises:
-        FileNotFoundError: when the folder holds no parquet files.
-    """
-    root = Path(crops_dir).expanduser()
-    return [(str(p.relative_to(root)), p.stat().st_size) for p in crops_files(root)]
-
-
 def cache_key(backbone: str, unlocked_blocks: int, fingerprint: str, preprocess: dict, snapshot: list) -> str:
     """The cache directory name: any change to weights, boundary, preprocessing or crops gives a new one."""
     payload = json.dumps(
@@ -133,14 +73,6 @@ def cache_key(backbone: str, unlocked_blocks: int, fingerprint: str, preprocess:
         default=str,
     )
     return f"k{unlocked_blocks}-{hashlib.sha256(payload.encode()).hexdigest()[:20]}"
-
-
-def decode_crop(data: bytes) -> Image.Image:
-    """Encoded crop bytes from the crops table → RGB image."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as image:
-        return image.convert("RGB")
 
 
 def decode_features(blobs: Sequence[bytes], shape: Sequence[int]) -> np.ndarray:
@@ -174,6 +106,7 @@ class BoundaryFeatures:
         import pyarrow
         import torch
 
+        quiet_libraries()
         self.torch, self.pa = torch, pyarrow
         self.schema = _schema()
         self.device = device
@@ -349,20 +282,6 @@ def read_cache(path: str | Path) -> FeatureCache:
 
 
 def _count_rows(path: Path) -> tuple[int, int]:
-    import pyarrow.dataset as pads
-
-    files = sorted(path.glob("*.parquet"))
-    if not files:
-        return 0, 0
     # Only the small `error` column is read back, never the activations.
-    column = pads.dataset([str(f) for f in files], format="parquet").to_table(columns=["error"])["error"]
-    return len(column), len(column) - column.null_count
-
-
-def gpu_requested(config: Config) -> bool:
-    """train.use_gpu: "true", "false", or "auto" = every training worker can get a GPU in this cluster."""
-    if config.train.use_gpu != "auto":
-        return config.train.use_gpu == "true"
-    import ray
-
-    return ray.cluster_resources().get("GPU", 0) >= config.train.num_workers
+    errors = read_columns(path, ["error"])["error"]
+    return len(errors), sum(e is not None for e in errors)

@@ -15,15 +15,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ootd.batches import BatcherStats, balanced_batches
+from ootd.train.batches import BatcherStats, balanced_batches
 
 if TYPE_CHECKING:
     import torch
 
     from ootd.config import ModelConfig, TrainConfig
-    from ootd.encoder import StyleEncoder
+    from ootd.model.encoder import StyleEncoder
 
-log = logging.getLogger("ootd.train")
+log = logging.getLogger("ootd.train.driver")
 
 STATE_FILE = "state.pt"
 HISTORY_FILE = "history.json"
@@ -117,7 +117,8 @@ def collate(
     """(label, payload) rows → (inputs, labels): cached fp16 activations, or decoded and preprocessed crops."""
     import torch
 
-    from ootd.feature_cache import decode_crop, decode_features
+    from ootd.decode import decode_crop
+    from ootd.train.feature_cache import decode_features
 
     labels = torch.tensor([label for label, _ in batch], dtype=torch.long)
     payloads = [payload for _, payload in batch]
@@ -143,8 +144,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
-    from ootd.feature_cache import build_encoder, weights_fingerprint
-    from ootd.losses import make_loss
+    from ootd.model.encoder import build_encoder, weights_fingerprint
+    from ootd.model.losses import make_loss
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -284,7 +285,7 @@ def validate(encoder: StyleEncoder, val_shard, loop: dict[str, Any], device, aut
 
 def retrieval_scores(emb: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """Validation P@10, mAP@10 (image-to-image, same style relevant, query excluded) and cosine silhouette."""
-    from ootd.metrics import retrieval_metrics, silhouette
+    from ootd.evaluate.metrics import retrieval_metrics, silhouette
 
     scores = retrieval_metrics(emb, labels, ks=(10,))
     try:

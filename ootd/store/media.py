@@ -3,23 +3,10 @@
 from __future__ import annotations
 
 import os
-import re
 import uuid
 from pathlib import Path
-from typing import Any
 
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-
-
-def check_image_id(image_id: Any) -> str:
-    """Returns the id if it is lowercase hex sha256, so it can be used as a path component safely.
-
-    Raises:
-        ValueError: for anything else (path separators, `..`, upper case, wrong length, non-strings).
-    """
-    if not isinstance(image_id, str) or not _SHA256.fullmatch(image_id):
-        raise ValueError(f"bad image id {image_id!r}: ids are lowercase hex sha256 (64 chars)")
-    return image_id
+from ootd.decode import check_image_id
 
 
 class MediaStore:

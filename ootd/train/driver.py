@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ootd.train_loop import HISTORY_FILE, SCORE, STATE_FILE, train_loop_per_worker
+from ootd.train.worker import HISTORY_FILE, SCORE, STATE_FILE, train_loop_per_worker
 
 if TYPE_CHECKING:
     import ray.data
@@ -37,7 +37,7 @@ class TrainData:
     """Where the training rows come from and what they hold.
 
     Attributes:
-        source: "cache" (boundary activations, see `ootd.feature_cache`) or "images" (crop bytes).
+        source: "cache" (boundary activations, see `ootd.train.feature_cache`) or "images" (crop bytes).
         path: the cache directory or the crops table folder.
         payload: the column holding each row's input ("features" or "crop").
         shape: one row's activation shape (cache only).
@@ -68,8 +68,9 @@ def prepare_data(config: Config, crops_dir: str | Path, workdir: str | Path) -> 
     """
     import pyarrow.dataset as pads
 
-    from ootd.feature_cache import build_feature_cache, crops_snapshot, probe_encoder
     from ootd.splits import split_of
+    from ootd.tables import crops_snapshot
+    from ootd.train.feature_cache import build_feature_cache, probe_encoder
 
     crops_dir = Path(crops_dir).resolve()
     files = [str(crops_dir / name) for name, _ in crops_snapshot(crops_dir)]  # a clear error when there are none
@@ -177,12 +178,12 @@ def build_trainer(
         config: the resolved config.
         data: from `prepare_data`.
         storage_path: Ray Train storage (absolute local path, or shared storage on a multi-node cluster).
-        hooks: test-only worker hooks (`pid_dir`, `hold_after_epoch`), see `ootd.train_loop`.
+        hooks: test-only worker hooks (`pid_dir`, `hold_after_epoch`), see `ootd.train.worker`.
     """
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from ootd.feature_cache import gpu_requested
+    from ootd.placement import gpu_requested
 
     tcfg = config.train
     p = min(tcfg.styles_per_batch, len(data.labels))
@@ -234,9 +235,8 @@ def export_best(result: Result, config: Config, workdir: str | Path) -> tuple[Pa
     """
     import torch
 
-    from ootd.encoder import new_model_version
-    from ootd.feature_cache import build_encoder, weights_fingerprint
-    from ootd.train_loop import load_trainable
+    from ootd.model.encoder import build_encoder, new_model_version, weights_fingerprint
+    from ootd.train.worker import load_trainable
 
     ranked = [(ckpt, metrics) for ckpt, metrics in (result.best_checkpoints or []) if SCORE in metrics]
     if not ranked:

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import json
-import logging
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ootd.store_rows import (
+from ootd.store.rows import (
     MAX_SOURCE_BYTES,
+    Hit,
     check_ids,
     check_name,
     check_row,
@@ -23,10 +22,6 @@ from ootd.store_rows import (
     filter_expr,
 )
 from ootd.styles import STYLES
-
-# Embedded Milvus Lite serves gRPC inside this process and lacks AllocTimestamp, which pymilvus calls (and
-# tolerates) while creating an index; grpc would log each such call as a full server traceback.
-logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
 
 if TYPE_CHECKING:
     from ootd.config import StoreConfig
@@ -38,24 +33,12 @@ UPSERT_BATCH = 2_000
 # Ids per `id in [...]` expression: keeps expressions short on servers with expression-length limits.
 ID_BATCH = 1_000
 _NOT_LOADED = 101  # Milvus error code: collection not loaded
-_SERVER_SCHEMES = ("http://", "https://", "tcp://")
+SERVER_SCHEMES = ("http://", "https://", "tcp://")  # anything else is a Milvus Lite file
 
 # Milvus Lite runs in-process, one server per file and process; it holds the file's lock until released,
 # so the last store to close a file releases it for other processes (a later job, a restarted replica).
 _lite_users: dict[str, int] = {}
 _lite_lock = threading.Lock()
-
-
-@dataclass(frozen=True)
-class Hit:
-    """One search result: an indexed outfit and its cosine similarity to the query."""
-
-    id: str
-    score: float
-    style: str
-    source: str
-    box: tuple[int, int, int, int]
-    meta: dict = field(default_factory=dict)
 
 
 class MilvusStore:
@@ -413,6 +396,11 @@ class MilvusStore:
         return LookupError(f"no live collection (alias {self.alias!r} does not exist): run `ootd index` first")
 
 
+def is_server_uri(uri: str) -> bool:
+    """Whether `store.uri` names a Milvus server (many processes may connect) rather than a Milvus Lite file."""
+    return (uri or "").strip().startswith(SERVER_SCHEMES)
+
+
 # -- helpers ----------------------------------------------------------------------------------------------------------
 
 
@@ -421,7 +409,7 @@ def _resolve_uri(uri: str) -> tuple[str, str | None]:
     uri = (uri or "").strip()
     if not uri:
         raise ValueError("store.uri is empty: give a Milvus Lite path (*.db) or http://host:port")
-    if uri.startswith(_SERVER_SCHEMES):
+    if is_server_uri(uri):
         return uri, None
     if "://" in uri:
         raise ValueError(f"unsupported Milvus URI {uri!r}: use http://, https://, tcp:// or a *.db path")

@@ -1,16 +1,16 @@
-"""The ingest pipeline's worker side: Ray Data UDFs (hash, decode, detect+crop, write) and the table schemas."""
+"""The ingest pipeline's worker side: Ray Data UDFs (hash, decode, detect+crop, write)."""
 
 from __future__ import annotations
 
 import json
-import os
 import time
-import uuid
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ootd.decode import DETECT, READ, InputError, decode, encode_jpeg, image_id, probe, read_file
+from ootd.logs import quiet_libraries
+from ootd.tables import CROPS_DIR, ERRORS_DIR, TIMING, schemas, write_table
 
 if TYPE_CHECKING:
     import numpy as np
@@ -18,54 +18,7 @@ if TYPE_CHECKING:
 
     from ootd.config import DetectConfig
 
-CROPS_DIR, ERRORS_DIR = "crops", "errors"
 JPEG_QUALITY = 92
-TIMING = ("t_decode", "t_detect", "t_crop")  # per-row busy seconds, summed by the writer into the summary
-
-
-def schemas() -> dict[str, pa.Schema]:
-    """Arrow schemas of each stage's output and of the two tables (DESIGN §4).
-
-    Explicit schemas keep every block identical even when a batch is all errors (an inferred all-null column
-    would otherwise get Arrow's null type and clash with the next block).
-    """
-    import pyarrow as pa
-
-    key = [("image_id", pa.string()), ("source", pa.string()), ("style", pa.string())]
-    error = [("stage", pa.string()), ("error", pa.string())]
-    size = [("width", pa.int32()), ("height", pa.int32())]
-    crop = [("box", pa.list_(pa.int32())), ("det_score", pa.float32()), ("n_garments", pa.int32()),
-            ("fallback", pa.bool_()), ("crop", pa.binary())]  # fmt: skip
-    timing = [(name, pa.float64()) for name in TIMING]
-    return {
-        "hashed": pa.schema(key + error),
-        # large_binary: a batch of full-size photos can pass 2 GiB of pixels, binary's offset limit.
-        "decoded": pa.schema(key + size + [("pixels", pa.large_binary())] + error + timing[:1]),
-        "cropped": pa.schema(key + size + crop + error + timing),
-        "crops": pa.schema(key + size + crop),
-        "errors": pa.schema([("source", pa.string())] + error),
-    }
-
-
-def write_table(table: pa.Table, folder: str | Path, prefix: str) -> Path:
-    """Writes one parquet file atomically: a hidden temporary name, then a rename.
-
-    Readers glob `*.parquet`, so a file killed mid-write (left as `.<name>.tmp`) is never read.
-
-    Args:
-        table: rows to write.
-        folder: destination folder (created if needed).
-        prefix: file name prefix (the run id), followed by a random suffix.
-    """
-    import pyarrow.parquet as pq
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    name = f"{prefix}-{uuid.uuid4().hex[:12]}.parquet"
-    tmp = folder / f".{name}.tmp"
-    pq.write_table(table, tmp)
-    os.replace(tmp, folder / name)
-    return folder / name
 
 
 def hash_batch(batch: pa.Table, *, max_bytes: int, max_pixels: int) -> pa.Table:
@@ -134,8 +87,9 @@ class DetectCrop:
         """
         import torch
 
-        from ootd.detect import Detector
+        from ootd.detect.yolo import Detector
 
+        quiet_libraries()
         torch.set_num_threads(max(1, threads))
         self.detector = Detector(detect)
         self.crop_max_side = crop_max_side
@@ -186,7 +140,7 @@ class DetectCrop:
 
 
 def _crop(image: np.ndarray, box: tuple[int, int, int, int]) -> Any:
-    """The outfit region as a PIL image (boxes are already clamped to the image by ootd.crop)."""
+    """The outfit region as a PIL image (boxes are already clamped to the image by ootd.detect.boxes)."""
     from PIL import Image
 
     x1, y1, x2, y2 = box

@@ -7,7 +7,13 @@ from typing import Any
 
 import numpy as np
 
-from ootd.evaluate import TABLE_COLUMNS, VARIANT_TITLES
+VARIANT_TITLES = {
+    "frozen_crop": "frozen backbone · outfit crop",
+    "frozen_whole": "frozen backbone · whole photo",
+    "finetuned_crop": "fine-tuned · outfit crop",
+    "finetuned_whole": "fine-tuned · whole photo",
+}
+TABLE_COLUMNS = ("P@1", "P@5", "P@10", "mAP@10", "nDCG@10", "MRR", "silhouette")
 
 
 def markdown_table(variants: dict[str, dict[str, Any]]) -> str:

@@ -13,9 +13,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ootd.evaluate.report import markdown_report, markdown_table, plot_precision, plot_style_matrices
+
 if TYPE_CHECKING:
     from ootd.config import Config
-    from ootd.encoder import StyleEncoder
+    from ootd.model.encoder import StyleEncoder
 
 log = logging.getLogger(__name__)
 
@@ -27,13 +29,6 @@ VARIANTS: tuple[tuple[str, str, str], ...] = (
     ("finetuned_crop", "finetuned", "crop"),
     ("finetuned_whole", "finetuned", "whole"),
 )
-VARIANT_TITLES = {
-    "frozen_crop": "frozen backbone · outfit crop",
-    "frozen_whole": "frozen backbone · whole photo",
-    "finetuned_crop": "fine-tuned · outfit crop",
-    "finetuned_whole": "fine-tuned · whole photo",
-}
-TABLE_COLUMNS = ("P@1", "P@5", "P@10", "mAP@10", "nDCG@10", "MRR", "silhouette")
 _NEEDED = ("image_id", "source", "style", "crop")
 _SKIPPED_EXAMPLES = 20
 
@@ -97,9 +92,8 @@ def evaluate(
         ootd.encoder.ModelNotAvailable: when the model dir or the baseline backbone cannot be loaded.
     """
     from ootd.config import DataConfig
-    from ootd.encoder import load
-    from ootd.eval_report import markdown_report, markdown_table, plot_precision, plot_style_matrices
-    from ootd.feature_cache import crops_files
+    from ootd.model.encoder import load
+    from ootd.tables import crops_files
 
     if split not in SPLITS:
         raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
@@ -244,7 +238,7 @@ def frozen_baseline(model_dir: str | Path, *, backbone: str | None = None, devic
     import dataclasses
 
     from ootd.config import ModelConfig
-    from ootd.feature_cache import build_encoder
+    from ootd.model.encoder import build_encoder
 
     meta = json.loads((Path(model_dir) / "ootd_model.json").read_text())
     recorded = ((meta.get("config") or {}).get("model") or {}) if isinstance(meta.get("config"), dict) else {}
@@ -342,7 +336,7 @@ def _style_order(styles: list[str], model_labels: list[str]) -> list[str]:
 
 def _score(embeddings: np.ndarray, styles: list[str], classes: list[str]) -> dict[str, Any]:
     """Retrieval metrics, silhouette and the style matrix of one variant."""
-    from ootd.metrics import matrix_summary, retrieval_metrics, silhouette, style_matrix
+    from ootd.evaluate.metrics import matrix_summary, retrieval_metrics, silhouette, style_matrix
 
     scores: dict[str, Any] = dict(retrieval_metrics(embeddings, styles))
     scores["n_queries"] = int(scores["n_queries"])

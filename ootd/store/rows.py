@@ -5,19 +5,32 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from ootd.decode import check_image_id
 from ootd.styles import STYLES
 
-MAX_SOURCE_BYTES = 2048
+MAX_SOURCE_BYTES = 2048  # the `source` VARCHAR's length: longer sources are refused row by row
 MAX_META_BYTES = 65_536  # Milvus' default JSON field limit
-MAX_TOP_K = 16_384  # Milvus' topk ceiling
+MILVUS_MAX_TOP_K = 16_384  # Milvus' topk ceiling (the HTTP API allows far fewer)
 ROW_KEYS = frozenset({"id", "embedding", "style", "source", "box", "meta", "created_at"})
 
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"^[A-Za-z0-9_]+$")
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result: an indexed outfit and its cosine similarity to the query."""
+
+    id: str
+    score: float
+    style: str
+    source: str
+    box: tuple[int, int, int, int]
+    meta: dict = field(default_factory=dict)
 
 
 def check_name(name: Any, what: str) -> None:
@@ -40,8 +53,7 @@ def check_ids(ids: Any) -> list[str]:
         raise ValueError("ids must be a sequence of ids, not one string")
     out = list(ids)
     for i in out:
-        if not isinstance(i, str) or not _SHA256.fullmatch(i):
-            raise ValueError(f"bad id {i!r}: ids are lowercase hex sha256 (64 chars)")
+        check_image_id(i)
     return out
 
 
@@ -87,8 +99,8 @@ def check_vectors(vectors: Any, dim: int) -> np.ndarray:
 
 def check_top_k(top_k: Any) -> None:
     """Raises ValueError unless top_k is an integer Milvus accepts (1..16384)."""
-    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or not 1 <= top_k <= MAX_TOP_K:
-        raise ValueError(f"top_k must be an integer in 1..{MAX_TOP_K}, got {top_k!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or not 1 <= top_k <= MILVUS_MAX_TOP_K:
+        raise ValueError(f"top_k must be an integer in 1..{MILVUS_MAX_TOP_K}, got {top_k!r}")
 
 
 def check_row(i: int, row: Any, dim: int, now: int) -> dict:
@@ -103,13 +115,26 @@ def check_row(i: int, row: Any, dim: int, now: int) -> dict:
     Raises:
         ValueError: naming the row and the first problem found.
     """
+    fields = check_fields(i, row, now)
+    if "embedding" not in row:
+        raise ValueError(f"row {i} (id {row.get('id')!r}): missing keys ['embedding']")
+    vec = check_vector(row["embedding"], dim, f"row {i} (id {row.get('id')!r}) embedding")
+    return {"id": fields["id"], "embedding": vec.tolist(), **{k: v for k, v in fields.items() if k != "id"}}
+
+
+def check_fields(i: int, row: Any, now: int) -> dict:
+    """Every field of a row but its embedding, checked and defaulted as `check_row` does (the index job checks
+    rows before it spends an embedding on them).
+
+    Raises:
+        ValueError: naming the row and the first problem found.
+    """
     if not isinstance(row, dict):
         raise ValueError(f"row {i}: expected a dict, got {type(row).__name__}")
     where = f"row {i} (id {row.get('id')!r})"
     unknown = set(row) - ROW_KEYS
-    missing = {"id", "embedding"} - set(row)
-    if unknown or missing:
-        raise ValueError(f"{where}: unknown keys {sorted(unknown)} / missing keys {sorted(missing)}")
+    if unknown or "id" not in row:
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)} / missing keys {sorted({'id'} - set(row))}")
     check_ids([row["id"]])
     style = row.get("style") or ""
     if style and style not in STYLES:
@@ -135,9 +160,7 @@ def check_row(i: int, row: Any, dim: int, now: int) -> dict:
     created = row.get("created_at", now)
     if isinstance(created, bool) or not isinstance(created, (int, np.integer)) or created < 0:
         raise ValueError(f"{where}: created_at must be non-negative unix seconds, got {created!r}")
-    vec = check_vector(row["embedding"], dim, f"{where} embedding")
-    return {"id": row["id"], "embedding": vec.tolist(), "style": style, "source": source, "box": box,
-            "created_at": int(created), "meta": meta}
+    return {"id": row["id"], "style": style, "source": source, "box": box, "created_at": int(created), "meta": meta}
 
 
 def filter_expr(styles: Sequence[str] | None, exclude_ids: Sequence[str] | None) -> str:

@@ -1,0 +1,26 @@
+"""What the HTTP routes need from the deployments behind them, and how those say they cannot answer."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from ootd.serve.api import SearchFilters
+
+
+class Unavailable(RuntimeError):
+    """The app cannot answer right now: no live collection, or it holds another model's vectors."""
+
+
+class Backend(Protocol):
+    """The deployments behind the routes (implemented by the Ingress deployment)."""
+
+    async def embed(self, image: bytes, want_crop: bool = False) -> dict[str, Any]: ...
+    async def search(self, vector: list[float], filters: SearchFilters, model_version: str | None = None
+                     ) -> dict[str, Any]: ...
+    async def get(self, ids: list[str]) -> list[dict[str, Any]]: ...
+    async def upsert(self, row: dict[str, Any], crop: bytes, model_version: str) -> None: ...
+    async def delete(self, image_id: str) -> bool: ...
+    async def read_image(self, image_id: str) -> bytes | None: ...
+    async def stats(self) -> dict[str, Any]: ...
+    async def ready(self) -> dict[str, Any]: ...
