@@ -20,7 +20,7 @@ from ootd.detect.boxes import OutfitBox, outfit_box
 if TYPE_CHECKING:
     from ootd.config import DetectConfig
 
-ASSETS_DIR = Path(__file__).parent / "assets"
+ASSETS_DIR = Path(__file__).parents[1] / "assets"
 
 # Ultralytics integrations that would log to (or phone) an external service from inside training.
 _INTEGRATIONS = ("clearml", "comet", "dvc", "mlflow", "raytune", "tensorboard", "wandb")
