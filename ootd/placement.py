@@ -15,3 +15,16 @@ def gpu_requested(config: Config) -> bool:
     import ray
 
     return ray.cluster_resources().get("GPU", 0) >= config.train.num_workers
+
+
+def device_gpus(device: str) -> int:
+    """GPUs an actor must reserve to run on `device` (torch or ultralytics spelling: cpu, cuda, cuda:0, 0, 0,1).
+
+    Ray hides unreserved GPUs from an actor (CUDA_VISIBLE_DEVICES), so a cuda device without a reservation fails;
+    inside the actor the reserved GPU is device 0.
+    """
+    spec = (device or "cpu").strip().lower()
+    if spec.startswith("cuda"):
+        return 1
+    ids = [part for part in spec.split(",") if part.strip().isdigit()]
+    return len(ids)

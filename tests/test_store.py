@@ -13,6 +13,7 @@ from conftest import free_port
 from ootd.store.milvus import Hit, MilvusStore
 from ootd.store.rows import check_row, filter_expr
 from ootd.styles import STYLES
+from tests.conftest import reset_milvus
 
 DIM = 16
 
@@ -34,10 +35,11 @@ def make_rows(vectors: np.ndarray, start: int = 0, styles=STYLES) -> list[dict]:
     ]  # fmt: skip
 
 
-@pytest.fixture(params=["lite", "server"])
+@pytest.fixture(params=["lite", "server", "standalone"])
 def store(request, tmp_path):
-    """A store on a Milvus Lite file and on a Milvus server, same tests for both."""
-    uri = str(tmp_path / "m.db") if request.param == "lite" else request.getfixturevalue("milvus_server")
+    """A store on a Milvus Lite file, a `milvus-lite server` and a Milvus standalone server, same tests for all."""
+    uri = {"lite": lambda: str(tmp_path / "m.db"), "server": lambda: request.getfixturevalue("milvus_server"),
+           "standalone": lambda: reset_milvus(request.getfixturevalue("milvus_standalone"))}[request.param]()
     s = MilvusStore(uri, dim=DIM, search_ef=32)
     yield s
     s.close()

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from ootd.decode import IMAGE_EXTENSIONS
 from ootd.ingest.stages import DetectCrop, WriteTables, decode_batch, hash_batch, stats_row
+from ootd.placement import device_gpus
 from ootd.tables import CROPS_DIR, ERRORS_DIR, count_rows, read_columns, schemas, write_table
 
 if TYPE_CHECKING:
@@ -194,7 +195,8 @@ def run_ingest(config: Config, source: str | Path, out_dir: str | Path, *, limit
             .map_batches(DetectCrop, batch_size=detect.batch_size, batch_format="pyarrow",
                          fn_constructor_kwargs={"detect": detect, "crop_max_side": data.crop_max_side,
                                                 "threads": max(1, round(detect.num_cpus))},
-                         compute=ray.data.ActorPoolStrategy(size=detect.concurrency), num_cpus=detect.num_cpus)
+                         compute=ray.data.ActorPoolStrategy(size=detect.concurrency), num_cpus=detect.num_cpus,
+                         num_gpus=device_gpus(detect.device))
             .map_batches(WriteTables, fn_constructor_kwargs={"out_dir": str(out.resolve()), "run_id": run_id},
                          batch_size=ROWS_PER_FILE, batch_format="pyarrow", num_cpus=WRITE_NUM_CPUS,
                          compute=ray.data.ActorPoolStrategy(size=1))
