@@ -97,7 +97,7 @@ def cache_vs_images(args: argparse.Namespace, tmp: Path) -> tuple[list[str], dic
     from ootd.model.encoder import build_encoder
     from ootd.model.losses import make_loss
     from ootd.train.feature_cache import decode_features
-    from ootd.train.worker import make_optimizer, make_train_module, train_step, warmup_cosine
+    from ootd.train.worker import make_optimizer, make_train_module, train_step
 
     folder = write_random_marqo_dir(tmp / "marqo-random")
     cfg = with_overrides(load_config("default"), [f"model.backbone=local-dir:{folder}"])
@@ -130,19 +130,18 @@ def cache_vs_images(args: argparse.Namespace, tmp: Path) -> tuple[list[str], dic
         shapes[k] = shape
         note(f"k={k}: cache of {len(crops)} crops built, {build:.2f} s/crop")
 
-        def step(from_cache: bool, model, opt, sched, pick, blobs: list = blobs, shape: tuple = shape) -> float:
+        def step(from_cache: bool, model, opt, pick, blobs: list = blobs, shape: tuple = shape) -> float:
             started = time.perf_counter()
             if from_cache:
                 inputs = torch.from_numpy(decode_features([blobs[i] for i in pick], shape)).float()
             else:
                 inputs = encoder.preprocess([decode_crop(crops[i]) for i in pick])
-            train_step(model, opt, sched, loss_fn, inputs, labels[pick], autocast)
+            train_step(model, opt, loss_fn, inputs, labels[pick], autocast)
             return time.perf_counter() - started
 
         paths = {}
         for from_cache in (False, True):
-            opt = make_optimizer(encoder, cfg.train)
-            paths[from_cache] = (make_train_module(encoder, k, from_cache).train(), opt, warmup_cosine(opt, 100, 0.0))
+            paths[from_cache] = (make_train_module(encoder, k, from_cache).train(), make_optimizer(encoder, cfg.train))
         times: dict[bool, list[float]] = {False: [], True: []}
         # Steps alternate between the two paths so both see the same background load; step 0 is warm-up.
         for i, pick in enumerate(picks):

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
 import os
+import pickle
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -21,18 +25,24 @@ from PIL import Image
 from ootd.config import with_overrides
 from ootd.model.encoder import build_encoder
 from ootd.splits import split_of
+from ootd.train.checkpoint import STATE_FILE, check_compatible, compat, load_trainable, trainable_state
 from ootd.train.driver import prepare_data, run_training
+from ootd.train.faults import FAULTS_ENV, fault_point
 from ootd.train.worker import (
-    _check_compatible,
-    load_trainable,
+    LoopSettings,
+    lr_factor,
     make_optimizer,
     make_train_module,
+    parameter_counts,
+    restore,
     retrieval_scores,
+    set_lr,
+    setup,
     train_step,
-    trainable_state,
-    warmup_cosine,
 )
 from tests.crops_fixture import write_crops_table
+
+REPO = Path(__file__).resolve().parents[1]
 
 # Small batches and a large validation split so the 78-photo fixture gives several steps and a scoreable val set.
 SMALL = [
@@ -81,7 +91,6 @@ def test_train_steps_lower_the_loss_and_touch_only_unlocked_weights(tiny_config,
     before = {name: p.detach().clone() for name, p in encoder.named_parameters()}
     model = make_train_module(encoder, 1, from_cache=False)
     opt = make_optimizer(encoder, cfg.train)
-    sched = warmup_cosine(opt, total_steps=100, warmup_fraction=0.0)
     loss_fn = make_loss("supcon", 0.1, 0.5)
     rng = np.random.default_rng(0)
     # Two "styles": reddish and bluish noise images, four of each.
@@ -92,7 +101,7 @@ def test_train_steps_lower_the_loss_and_touch_only_unlocked_weights(tiny_config,
     pixels, labels = encoder.preprocess(images), torch.tensor([0] * 4 + [1] * 4)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
     model.train()
-    losses = [train_step(model, opt, sched, loss_fn, pixels, labels, autocast) for _ in range(8)]
+    losses = [train_step(model, opt, loss_fn, pixels, labels, autocast) for _ in range(8)]
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < losses[0]
     changed = {n for n, p in encoder.named_parameters() if not torch.equal(p.detach(), before[n])}
@@ -102,19 +111,124 @@ def test_train_steps_lower_the_loss_and_touch_only_unlocked_weights(tiny_config,
 
 
 def test_schedule_warms_up_linearly_then_decays_by_cosine():
-    param = torch.nn.Parameter(torch.zeros(1))
-    opt = torch.optim.SGD([param], lr=1.0)
-    sched = warmup_cosine(opt, total_steps=20, warmup_fraction=0.2)
-    lrs = []
-    for _ in range(22):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
-    assert lrs[4] == pytest.approx(1.0)
+    lrs = [lr_factor(step, total_steps=20, warmup_fraction=0.2) for step in range(22)]
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])  # linear over round(20 * 0.2) = 4 steps
+    assert max(lrs) == lrs[4] == pytest.approx(1.0)
     assert lrs[12] == pytest.approx(0.5 * (1 + math.cos(math.pi * 8 / 16)))
-    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:], strict=False))
-    assert lrs[20] == pytest.approx(0.0) and lrs[21] == pytest.approx(0.0)
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:], strict=False))  # monotone decay after warmup
+    assert lrs[19] > 0.0 and lrs[20] == pytest.approx(0.0) and lrs[21] == pytest.approx(0.0)
+    assert [lr_factor(s, 5, 0.0) for s in (0, 5)] == pytest.approx([1.0, 0.0])  # no warmup: starts at the peak
+    assert lr_factor(0, 0, 0.1) == pytest.approx(1.0)  # a zero-step estimate is one step, not a division by zero
+
+
+def test_schedule_can_be_re_aimed_when_an_epoch_forms_more_batches_than_estimated():
+    assert lr_factor(5, 10, 0.0) == pytest.approx(0.5)  # half way through the estimated 10 steps
+    # The epochs really take twice as many steps: the same step sits earlier on the longer cosine.
+    assert lr_factor(6, 20, 0.0) == pytest.approx(0.5 * (1 + math.cos(math.pi * 6 / 20)))
+    assert lr_factor(6, 20, 0.0) > lr_factor(5, 10, 0.0)
+    assert lr_factor(10, 10, 0.0) == 0.0 < lr_factor(10, 20, 0.0)
+
+
+def test_set_lr_scales_each_group_from_its_own_base(tiny_config):
+    cfg = with_overrides(tiny_config, ["model.unlocked_blocks=1", "train.lr_head=1e-2", "train.lr_backbone=1e-4"])
+    opt = make_optimizer(build_encoder(cfg.model), cfg.train)
+    for factor in (0.5, 0.25):  # from the base each time, never compounding
+        set_lr(opt, factor)
+        lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+        assert lrs["head"] == lrs["head_no_decay"] == pytest.approx(1e-2 * factor)
+        assert lrs["backbone"] == lrs["backbone_no_decay"] == pytest.approx(1e-4 * factor)
+    assert all(g["base_lr"] in (1e-2, 1e-4) for g in opt.param_groups)
+
+
+def _settings(config, **changes) -> LoopSettings:
+    base = LoopSettings(
+        model=config.model,
+        train=config.train,
+        source="images",
+        payload="crop",
+        shape=None,
+        labels=("Chic", "Street"),
+        fingerprint="fp",
+        steps_per_epoch=4,
+    )
+    return dataclasses.replace(base, **changes)
+
+
+def test_loop_settings_are_frozen_and_travel_to_workers_by_pickle(tiny_config):
+    settings = _settings(tiny_config)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.steps_per_epoch = 9
+    assert pickle.loads(pickle.dumps({"settings": settings}))["settings"] == settings
+    assert not settings.from_cache and _settings(tiny_config, source="cache").from_cache
+
+
+def test_parameter_counts_split_the_image_path_into_trainable_and_frozen(tiny_config):
+    encoder = build_encoder(tiny_config.model)
+    encoder.freeze(1)
+    trainable, frozen = parameter_counts(encoder)
+    assert trainable == sum(t.numel() for t in trainable_state(encoder).values())
+    assert trainable + frozen == sum(p.numel() for p in [*encoder.visual.parameters(), *encoder.head.parameters()])
+    encoder.freeze(0)
+    assert 0 < parameter_counts(encoder)[0] < trainable
+
+
+def test_restore_continues_the_schedule_where_the_checkpoint_left_it(tiny_config, tmp_path):
+    from ootd.model.encoder import weights_fingerprint
+
+    cfg = with_overrides(tiny_config, ["model.unlocked_blocks=1", "train.epochs=3"])
+    fingerprint = weights_fingerprint(build_encoder(cfg.model))
+    settings = _settings(cfg, fingerprint=fingerprint)
+    fresh = setup(settings, rank=0, world=1, device=torch.device("cpu"))
+    assert restore(None, fresh).total_steps == 4 * 3  # no checkpoint: the driver's estimate
+    saved = setup(settings, rank=0, world=1, device=torch.device("cpu"))
+    set_lr(saved.optimizer, 0.5)
+    state = {
+        "epoch": 1,
+        "trainable": trainable_state(saved.encoder),
+        "optimizer": saved.optimizer.state_dict(),
+        "step": 7,
+        "history": [{"epoch": 1, "steps": 7}],
+        "compat": compat(settings),
+    }
+    torch.save(state, tmp_path / STATE_FILE)
+
+    class Checkpoint:  # what `ray.train.get_checkpoint()` hands back, minus the storage layer
+        def as_directory(self):
+            import contextlib
+
+            return contextlib.nullcontext(str(tmp_path))
+
+    worker = setup(settings, rank=0, world=1, device=torch.device("cpu"))
+    progress = restore(Checkpoint(), worker)
+    assert (progress.start_epoch, progress.step, progress.total_steps) == (2, 7, 7 * 3)
+    assert progress.history == state["history"]
+    assert [g["base_lr"] for g in worker.optimizer.param_groups] == [g["base_lr"] for g in fresh.optimizer.param_groups]
+    # A checkpoint from before the step counter and `base_lr`: the history's steps and the config stand in.
+    del state["step"]
+    for group in state["optimizer"]["param_groups"]:
+        del group["base_lr"]
+    torch.save(state, tmp_path / STATE_FILE)
+    worker = setup(settings, rank=0, world=1, device=torch.device("cpu"))
+    progress = restore(Checkpoint(), worker)
+    assert progress.step == 7
+    assert [g["base_lr"] for g in worker.optimizer.param_groups] == [g["base_lr"] for g in fresh.optimizer.param_groups]
+
+
+def test_fault_point_does_nothing_unless_a_plan_is_set(tmp_path, monkeypatch):
+    monkeypatch.delenv(FAULTS_ENV, raising=False)
+    fault_point("start", rank=0)
+    fault_point("epoch_end", rank=0, epoch=1)  # returns at once: no plan, no hold
+    plan = {"pid_dir": str(tmp_path), "hold_after_epoch": 1, "hold_timeout_s": 0.5}
+    monkeypatch.setenv(FAULTS_ENV, json.dumps(plan))
+    fault_point("start", rank=1)
+    assert [p.name for p in tmp_path.iterdir()] == [f"rank1-{os.getpid()}.pid"]
+    fault_point("epoch_end", rank=1, epoch=2)  # not the epoch to hold after
+    started = time.monotonic()
+    fault_point("epoch_end", rank=1, epoch=1)  # holds until released or, here, its timeout
+    assert time.monotonic() - started >= 0.5 and (tmp_path / f"held-rank1-{os.getpid()}").exists()
+    monkeypatch.setenv(FAULTS_ENV, json.dumps({**plan, "hold_after": 1}))
+    with pytest.raises(TypeError, match="hold_after"):  # a misspelt plan fails instead of never firing
+        fault_point("start", rank=0)
 
 
 def test_trainable_state_round_trips_and_rejects_another_freeze(tiny_config):
@@ -135,10 +249,10 @@ def test_trainable_state_round_trips_and_rejects_another_freeze(tiny_config):
 
 
 def test_resuming_with_another_model_config_says_to_pick_a_new_run_name(tiny_config):
-    loop = {"model": tiny_config.model, "labels": ["Chic", "Street"]}
+    settings = _settings(tiny_config)
     state = {"compat": {**_compat_of(tiny_config.model), "unlocked_blocks": 3, "labels": ["Chic", "Street"]}}
     with pytest.raises(RuntimeError, match="different unlocked_blocks.*train.run_name"):
-        _check_compatible(state, loop)
+        check_compatible(state, settings)
 
 
 def _compat_of(model):
@@ -290,9 +404,26 @@ def test_rerun_with_the_same_run_name_resumes_instead_of_starting_over(ray_sessi
     assert third["metrics"] == second["metrics"] and third["version"] != second["version"]
 
 
+# A driver of its own: the fault plan must reach the Train workers as a job env var (`ray.init(runtime_env=...)`),
+# which this pytest process, already connected by `ray_session`, cannot set any more.
+_FAULTS_DRIVER = """
+import json, os, sys
+import ray
+from ootd.config import load_config, with_overrides
+from ootd.train.driver import run_training
+from ootd.train.faults import FAULTS_ENV, fault_point
+
+address, crops, workdir, out, *overrides = sys.argv[1:]
+ray.init(address=address, log_to_driver=False, runtime_env={"env_vars": {FAULTS_ENV: os.environ[FAULTS_ENV]}})
+summary = run_training(with_overrides(load_config("tiny"), overrides), crops, workdir=workdir)
+with open(out, "w") as f:
+    json.dump(summary, f, default=str)
+"""
+
+
 @pytest.mark.slow
-def test_a_killed_training_worker_is_restarted_and_the_run_completes(ray_session, small_crops, tiny_config, tmp_path):
-    cfg = with_overrides(tiny_config, [*SMALL, "train.epochs=3", "train.max_failures=2", "train.run_name=failover"])
+def test_a_killed_training_worker_is_restarted_and_the_run_completes(ray_cluster, small_crops, tmp_path):
+    sets = [*SMALL, "train.epochs=3", "train.max_failures=2", "train.run_name=failover"]
     pid_dir = tmp_path / "pids"
     pid_dir.mkdir()
     snapshot = tmp_path / "work" / "ray_results" / "failover" / "checkpoint_manager_snapshot.json"
@@ -311,9 +442,20 @@ def test_a_killed_training_worker_is_restarted_and_the_run_completes(ray_session
 
     killer = threading.Thread(target=kill_rank1_after_first_checkpoint, daemon=True)
     killer.start()
-    hooks = {"pid_dir": str(pid_dir), "hold_after_epoch": 1}
-    out = run_training(cfg, small_crops, workdir=tmp_path / "work", hooks=hooks)
+    plan = {"pid_dir": str(pid_dir), "hold_after_epoch": 1}
+    summary = tmp_path / "summary.json"
+    cmd = [sys.executable, "-c", _FAULTS_DRIVER, ray_cluster.address, str(small_crops), str(tmp_path / "work")]
+    proc = subprocess.run(
+        [*cmd, str(summary), *sets],
+        env={**os.environ, FAULTS_ENV: json.dumps(plan)},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     killer.join(timeout=5)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    out = json.loads(summary.read_text())
     assert killed, "the worker was never killed"
     rank1_pids = {int(p.stem.split("-")[1]) for p in pid_dir.glob("rank1-*.pid")}
     assert killed["pid"] in rank1_pids and len(rank1_pids) >= 2  # a new rank-1 process took over
@@ -321,22 +463,3 @@ def test_a_killed_training_worker_is_restarted_and_the_run_completes(ray_session
     # The restarted worker group resumed from epoch 1's checkpoint rather than starting over.
     assert [h["started_at_epoch"] for h in out["history"]] == [1, 2, 2]
     assert Path(out["model_dir"], "ootd_model.json").exists()
-
-
-def test_schedule_can_be_re_aimed_when_an_epoch_forms_more_batches_than_estimated():
-    from ootd.train.worker import set_total_steps
-
-    param = torch.nn.Parameter(torch.zeros(1))
-    opt = torch.optim.SGD([param], lr=1.0)
-    sched = warmup_cosine(opt, total_steps=10, warmup_fraction=0.0)
-    for _ in range(5):
-        opt.step()
-        sched.step()
-    assert opt.param_groups[0]["lr"] == pytest.approx(0.5)  # half way through the estimated 10 steps
-    set_total_steps(sched, 20)  # the epochs really take twice as many steps
-    opt.step()
-    sched.step()
-    assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * (1 + math.cos(math.pi * 6 / 20)))
-    restored = warmup_cosine(opt, total_steps=10, warmup_fraction=0.0)
-    restored.load_state_dict(sched.state_dict())
-    assert restored.total_steps == 20

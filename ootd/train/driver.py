@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ootd.train.worker import HISTORY_FILE, SCORE, STATE_FILE, train_loop_per_worker
+from ootd.train.checkpoint import HISTORY_FILE, SCORE, STATE_FILE
+from ootd.train.worker import LoopSettings, train_loop_per_worker
 
 if TYPE_CHECKING:
     import ray.data
@@ -167,9 +168,7 @@ def _read_split(
                     }
 
 
-def build_trainer(
-    config: Config, data: TrainData, *, storage_path: str | Path, hooks: dict[str, Any] | None = None
-) -> TorchTrainer:
+def build_trainer(config: Config, data: TrainData, *, storage_path: str | Path) -> TorchTrainer:
     """The TorchTrainer: `train.num_workers` DDP workers, checkpoints ranked by validation mAP@10.
 
     A run directory `<storage_path>/<train.run_name>` that already holds checkpoints is resumed from the latest.
@@ -178,7 +177,6 @@ def build_trainer(
         config: the resolved config.
         data: from `prepare_data`.
         storage_path: Ray Train storage (absolute local path, or shared storage on a multi-node cluster).
-        hooks: test-only worker hooks (`pid_dir`, `hold_after_epoch`), see `ootd.train.worker`.
     """
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -192,21 +190,21 @@ def build_trainer(
     tcfg = dataclasses.replace(tcfg, styles_per_batch=p)
     batch = p * tcfg.images_per_style
     steps_per_epoch = max(1, data.counts["train"] // (tcfg.num_workers * batch))
-    loop = {
-        "model": config.model,
-        "train": tcfg,
-        "source": data.source,
-        "payload": data.payload,
-        "shape": data.shape,
-        "labels": data.labels,
-        "fingerprint": data.fingerprint,
-        "steps_per_epoch": steps_per_epoch,
-        "hooks": hooks or {},
-    }
+    settings = LoopSettings(
+        model=config.model,
+        train=tcfg,
+        source=data.source,
+        payload=data.payload,
+        shape=data.shape,
+        labels=tuple(data.labels),
+        fingerprint=data.fingerprint,
+        steps_per_epoch=steps_per_epoch,
+    )
     use_gpu = gpu_requested(config)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop,
+        # Ray Train wants a dict here; the frozen dataclass inside pickles to every worker as it is.
+        train_loop_config={"settings": settings},
         scaling_config=ScalingConfig(
             num_workers=tcfg.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": tcfg.cpus_per_worker}
         ),
@@ -236,7 +234,7 @@ def export_best(result: Result, config: Config, workdir: str | Path) -> tuple[Pa
     import torch
 
     from ootd.model.encoder import build_encoder, new_model_version, weights_fingerprint
-    from ootd.train.worker import load_trainable
+    from ootd.train.checkpoint import load_trainable
 
     ranked = [(ckpt, metrics) for ckpt, metrics in (result.best_checkpoints or []) if SCORE in metrics]
     if not ranked:
@@ -263,9 +261,7 @@ def export_best(result: Result, config: Config, workdir: str | Path) -> tuple[Pa
     return Path(model_dir), version, metrics
 
 
-def run_training(
-    config: Config, crops_dir: str | Path, *, workdir: str | Path, hooks: dict[str, Any] | None = None
-) -> dict[str, Any]:
+def run_training(config: Config, crops_dir: str | Path, *, workdir: str | Path) -> dict[str, Any]:
     """Fine-tunes on a crops table and exports the best model; re-running the same run name resumes it.
 
     Needs a connected Ray cluster (`ray.init` is the caller's job).
@@ -274,7 +270,6 @@ def run_training(
         config: the resolved config.
         crops_dir: the crops table folder written by ingest.
         workdir: root of derived artefacts (feature cache, Ray Train storage by default, models).
-        hooks: test-only worker hooks.
 
     Returns:
         `model_dir`, `version`, `metrics` (best epoch), `history` (every epoch of the run), `run_dir`,
@@ -289,7 +284,7 @@ def run_training(
     data = prepare_data(config, crops_dir, workdir)
     if "://" not in str(run_dir):
         save_config(config, run_dir / "config.yaml")
-    result = build_trainer(config, data, storage_path=storage, hooks=hooks).fit()
+    result = build_trainer(config, data, storage_path=storage).fit()
     if result.error is not None:
         raise RuntimeError(f"training run {run_dir} failed") from result.error
     model_dir, version, metrics = export_best(result, config, workdir)
