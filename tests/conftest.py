@@ -189,37 +189,22 @@ def milvus_server(tmp_path_factory):
         log.close()
 
 
-# Every port Milvus standalone binds has a flag; each gets its own free port so parallel runs never collide.
-_STANDALONE_PORTS = ("etcd", "root-coord", "proxy-internal", "query-coord", "query-node", "index-coord",
-                     "index-node", "data-coord", "data-node")
-
-
 @pytest.fixture(scope="session")
 def milvus_standalone(tmp_path_factory):
-    """A real Milvus 2.3 standalone server (PyPI `milvus`: embedded etcd, local storage) on free ports; yields its URI.
+    """A real Milvus 2.3 standalone server (PyPI `milvus`) on free ports for the session; yields its URI.
 
     Unlike Milvus Lite it keeps duplicate keys on plain insert, reads with Bounded consistency by default and
-    serves only loaded collections: the behaviour of a production server. The wrapper runs the server as a child
-    that outlives a signal to the wrapper alone, so it runs in its own process group and the group is stopped.
+    serves only loaded collections: the behaviour of a production server.
     """
-    exe = BIN / "milvus-server"
-    if not exe.exists():
+    from ootd.store.standalone import LocalMilvus
+
+    if LocalMilvus.executable() is None:
         pytest.skip("the `milvus` package (Milvus standalone) is not installed: pip install -e '.[dev]'")
-    data_dir = tmp_path_factory.mktemp("milvus-standalone")
-    proxy = free_port()
-    cmd = [str(exe), "--data", str(data_dir), "--proxy-port", str(proxy)]
-    for name in _STANDALONE_PORTS:
-        cmd += [f"--{name}-port", str(free_port())]
-    log = open(data_dir / "server.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = LocalMilvus(tmp_path_factory.mktemp("milvus-standalone"))
     try:
-        wait_for_port(proxy, timeout=180, proc=proc)
-        uri = f"http://127.0.0.1:{proxy}"
-        _wait_for_milvus(uri, timeout=120)
-        yield uri
+        yield server.start()
     finally:
-        stop_process_group(proc, grace=20)
-        log.close()
+        server.stop()
 
 
 def reset_milvus(uri: str) -> str:
@@ -235,23 +220,6 @@ def reset_milvus(uri: str) -> str:
     finally:
         client.close()
     return uri
-
-
-def _wait_for_milvus(uri: str, timeout: float) -> None:
-    """The proxy port opens before the coordinators are up: wait until a real call succeeds."""
-    from pymilvus import MilvusClient
-
-    deadline, last = time.monotonic() + timeout, None
-    while time.monotonic() < deadline:
-        try:
-            client = MilvusClient(uri=uri, timeout=10)
-            client.list_collections()
-            client.close()
-            return
-        except Exception as exc:  # noqa: BLE001 - not ready yet; the last error is reported on timeout
-            last = exc
-            time.sleep(1)
-    raise TimeoutError(f"Milvus standalone at {uri} did not answer within {timeout}s: {last}")
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,113 @@
+"""A local Milvus standalone server (PyPI `milvus`: Milvus 2.3 with embedded etcd and local storage) as a child.
+
+Tests and benchmarks use it to exercise a real server beside Milvus Lite; a single machine can serve from it too.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# Every port the server binds that has a flag; each gets its own free port so two servers never collide on them.
+# (The embedded etcd's peer port has no flag: run one standalone server per machine at a time.)
+PORT_FLAGS = ("etcd", "root-coord", "proxy-internal", "query-coord", "query-node", "index-coord", "index-node",
+              "data-coord", "data-node")
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LocalMilvus:
+    """`milvus-server --data DIR` on free ports, in its own process group (the wrapper's child outlives a signal
+    sent to the wrapper alone, so the whole group is stopped: TERM, then KILL what lingers).
+
+    Use as a context manager, or call `start()` / `stop()` (a stopped server can be started again on the same
+    data dir, keeping its collections: a restart).
+    """
+
+    def __init__(self, data_dir: str | Path, proxy_port: int | None = None):
+        self.data_dir = Path(data_dir)
+        self.proxy_port = proxy_port or free_port()
+        self.uri = f"http://127.0.0.1:{self.proxy_port}"
+        self._proc: subprocess.Popen | None = None
+        self._log = None
+
+    @staticmethod
+    def executable() -> str | None:
+        """The `milvus-server` script beside this Python, or on PATH; None when the package is not installed."""
+        beside = Path(sys.executable).parent / "milvus-server"
+        return str(beside) if beside.exists() else shutil.which("milvus-server")
+
+    def start(self, timeout: float = 180.0) -> str:
+        """Starts the server and returns its URI once a real call succeeds.
+
+        Raises:
+            FileNotFoundError: the `milvus` package is not installed.
+            TimeoutError / RuntimeError: the server did not come up (its log is in `<data_dir>/server.log`).
+        """
+        exe = self.executable()
+        if exe is None:
+            raise FileNotFoundError("milvus-server not found: pip install 'milvus==2.3.5' (Linux x86_64)")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [exe, "--data", str(self.data_dir), "--proxy-port", str(self.proxy_port)]
+        for name in PORT_FLAGS:
+            cmd += [f"--{name}-port", str(free_port())]
+        self._log = open(self.data_dir / "server.log", "a")
+        self._proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        self._wait_ready(timeout)
+        return self.uri
+
+    def stop(self, grace: float = 20.0) -> None:
+        """Stops the server's process group (idempotent)."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        if proc is not None:
+            try:  # the wrapper may be gone while its children linger in the group
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def _wait_ready(self, timeout: float) -> None:
+        # The proxy port opens before the coordinators are up: wait until a real call succeeds.
+        from pymilvus import MilvusClient
+
+        deadline, last = time.monotonic() + timeout, None
+        while time.monotonic() < deadline:
+            if self._proc is not None and self._proc.poll() is not None:
+                raise RuntimeError(f"milvus-server exited with {self._proc.returncode}; see {self.data_dir}/server.log")
+            try:
+                client = MilvusClient(uri=self.uri, timeout=5)
+                client.list_collections()
+                client.close()
+                return
+            except Exception as exc:  # noqa: BLE001 - not ready yet; the last error is reported on timeout
+                last = exc
+                time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"Milvus standalone at {self.uri} not ready after {timeout:.0f}s: {last}")
+
+    def __enter__(self) -> LocalMilvus:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
