@@ -1,4 +1,4 @@
-"""Index job: crops table → Ray Data embedding actors → Milvus upsert (one writer) → media store → live alias."""
+"""Index job: crops table + items log → Ray Data embedding actors → Milvus upsert (one writer) → live alias."""
 
 from __future__ import annotations
 
@@ -22,10 +22,8 @@ log = logging.getLogger(__name__)
 
 # Rows per Milvus upsert from the driver: large enough to amortise the RPC, small enough to stream.
 UPSERT_ROWS = 512
-
-
-class IndexInterrupted(RuntimeError):
-    """An index run stopped before finishing; the live alias was not moved."""
+# Beside the crops-table columns: the JSON meta an API item was written with ("" for crops-table rows).
+EXTRA_META = "extra_meta"
 
 
 class EmbedCrops:
@@ -68,7 +66,7 @@ class EmbedCrops:
             "source": np.asarray([_text(v) for v in batch["source"]], dtype=object),
             "style": np.asarray([_text(v) for v in batch["style"]], dtype=object),
             "box": np.asarray([_box(v) for v in batch["box"]], dtype=np.int64).reshape(n, 4),
-            "meta": np.asarray([json.dumps(_meta(batch, i)) for i in range(n)], dtype=object),
+            "meta": np.asarray([json.dumps(_row_meta(batch, i)) for i in range(n)], dtype=object),
             "embedding": embeddings,
             "error": np.asarray(errors, dtype=object),
         }
@@ -87,14 +85,17 @@ def run_index(
     batch_size: int = 32,
     device: str = "cpu",
     upsert_rows: int = UPSERT_ROWS,
-    fail_after: int | None = None,
 ) -> dict[str, Any]:
-    """Embeds every crop with one model and makes the result the live collection.
+    """Embeds every crop and every API item with one model and makes the result the live collection.
 
     Crops are read and embedded by a Ray Data actor pool (the model dir loaded once per actor); the driver
     iterates the embedded stream and upserts it in batches into `ootd_<version>`, because an embedded Milvus Lite
     file accepts one process only. The alias moves only after every row is written, so an interrupted run leaves
     the previous collection serving. Re-running upserts by id: no duplicates.
+
+    The crops table is merged with the items log (the API's writes, latest op per id wins): API items are
+    re-embedded from their logged crops, and ids whose latest op is a delete are left out, so a re-index keeps
+    API items and keeps deletes deleted.
 
     Args:
         config: the resolved config (store, model precision, data.workdir).
@@ -109,18 +110,17 @@ def run_index(
         batch_size: crops per actor call and per encoder forward pass.
         device: torch device for the actors (`cuda` reserves one GPU per actor).
         upsert_rows: rows per Milvus upsert (the driver holds at most about this many rows at once).
-        fail_after: fault injection for drills and tests: raise `IndexInterrupted` once this many rows are
-            written, before the alias moves.
 
     Returns:
         The summary also written to `index_summary.json`.
 
     Raises:
         FileNotFoundError: when the crops dir has no parquet files or the model dir is not an export.
-        IndexInterrupted: when `fail_after` fired.
     """
+    import pyarrow as pa
     import ray
 
+    from ootd.store.items_log import ItemsLog, items_log_dir
     from ootd.store.milvus import MilvusStore
 
     started = time.monotonic()
@@ -136,6 +136,12 @@ def run_index(
                                                                                    config.data.num_blocks))
     if limit is not None:
         ds = ds.limit(limit)
+    # Read once, at the start: API writes after this point land in the old collection only (see the summary).
+    latest = ItemsLog(items_log_dir(config)).latest()
+    api_items = [_crops_row(e, version) for e in latest.values() if e["op"] == "upsert"]
+    ds = ds.map_batches(_drop_logged, fn_kwargs={"logged": set(latest)}, batch_format="pyarrow")
+    if api_items:
+        ds = ds.union(ray.data.from_arrow(pa.Table.from_pylist(api_items, schema=_input_schema())))
     use_gpu = device.startswith("cuda")
     ds = ds.map_batches(
         EmbedCrops,
@@ -156,8 +162,6 @@ def run_index(
             rows, failed = _rows_of(batch)
             error_rows += failed
             written += store.upsert(rows, collection=collection)
-            if fail_after is not None and written >= fail_after:
-                raise IndexInterrupted(f"injected failure after {written} rows; alias still on {previous}")
         moved = False
         if swap and written:
             store.flush(collection)  # sealed and indexed before readers see it
@@ -173,6 +177,8 @@ def run_index(
             "alias_moved": moved,
             "written": written,
             "errors": len(error_rows),
+            "items_log": {"api_items": len(api_items), "deleted": sum(e["op"] == "delete" for e in latest.values()),
+                          "read_at_seq": max((e["seq"] for e in latest.values()), default=0)},
             "count": store.count(collection=collection),
             "count_by_style": store.count_by_style(collection=collection),
             "store": config.store.uri,
@@ -205,7 +211,7 @@ def _check_fields(batch: dict[str, np.ndarray], i: int) -> None:
     """Raises ValueError for a row Milvus would reject, so it becomes an error row instead of failing a batch."""
     box = batch["box"][i]
     check_fields(i, {"id": batch["image_id"][i], "style": _text(batch["style"][i]), "source": _text(batch["source"][i]),
-                     "box": [] if box is None else list(box), "meta": _meta(batch, i)}, now=0)
+                     "box": [] if box is None else list(box), "meta": _row_meta(batch, i)}, now=0)
     crop = batch["crop"][i]
     if crop is None or len(crop) == 0:
         raise ValueError("empty crop bytes")
@@ -221,6 +227,42 @@ def _box(value: Any) -> list[int]:
     except (TypeError, ValueError):
         return [0, 0, 0, 0]
     return box if len(box) == 4 else [0, 0, 0, 0]
+
+
+def _row_meta(batch: dict[str, np.ndarray], i: int) -> dict[str, Any]:
+    """The detection facts, under the meta an API item was written with (its own keys kept)."""
+    extra = batch[EXTRA_META][i] if EXTRA_META in batch else ""
+    return {**_meta(batch, i), **(json.loads(extra) if extra else {})}
+
+
+def _input_schema() -> Any:
+    """The crops-table schema plus the API items' meta column: both inputs of the embedding stage."""
+    import pyarrow as pa
+
+    from ootd.tables import schemas
+
+    return schemas()["crops"].append(pa.field(EXTRA_META, pa.string()))
+
+
+def _drop_logged(batch: Any, logged: set[str]) -> Any:
+    """Crops-table rows whose id the items log decides (re-added through the API, or deleted) are left out."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    schema = _input_schema()
+    if logged:
+        batch = batch.filter(pc.invert(pc.is_in(batch["image_id"], value_set=pa.array(sorted(logged)))))
+    batch = batch.select([f.name for f in schema if f.name != EXTRA_META])
+    batch = batch.append_column(EXTRA_META, pa.array([""] * batch.num_rows, pa.string()))
+    return batch.cast(schema)
+
+
+def _crops_row(entry: dict[str, Any], version: str) -> dict[str, Any]:
+    """A crops-table row (plus its meta) for an API item in the items log, to re-embed with model `version`."""
+    from ootd.store.items_log import CROP_FIELDS
+
+    meta = {**entry.get("meta", {}), "model_version": version}
+    return {**{k: entry[k] for k in CROP_FIELDS}, EXTRA_META: json.dumps(meta)}
 
 
 def _meta(batch: dict[str, np.ndarray], i: int) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ootd.config import absolute_paths, with_overrides
-from ootd.index import IndexInterrupted, run_index
+from ootd.index import run_index
 from ootd.model.modeldir import model_info
 from ootd.store.media import MediaStore
 
@@ -190,8 +190,20 @@ def test_interrupted_index_leaves_the_old_model_live(indexed):
     run_index(cfg, indexed["crops"], indexed["a"], batch_size=16)
     n = len(table)
 
-    with pytest.raises(IndexInterrupted, match="injected failure"):
-        run_index(cfg, indexed["crops"], indexed["b"], batch_size=8, upsert_rows=16, fail_after=20)
+    from ootd.store.milvus import MilvusStore
+
+    real_upsert, written = MilvusStore.upsert, []
+
+    def failing_upsert(self, rows, collection=None):
+        if collection == f"ootd_{version_b}" and sum(written) >= 20:
+            raise ConnectionError("injected: Milvus went away mid-run")
+        written.append(real_upsert(self, rows, collection=collection))
+        return written[-1]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(MilvusStore, "upsert", failing_upsert)
+        with pytest.raises(ConnectionError, match="injected"):
+            run_index(cfg, indexed["crops"], indexed["b"], batch_size=8, upsert_rows=16)
     with _store(cfg) as store:
         assert store.live_collection() == f"ootd_{version_a}"
         assert store.count() == n  # A untouched

@@ -599,3 +599,52 @@ def test_gallery_uploads_a_photo_and_renders_results_in_chromium(app, tmp_path):
         finally:
             browser.close()
     assert (tmp_path / "gallery.png").stat().st_size > 10_000
+
+
+# -- request parsing units (fast) -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1.0, 1e20, 1e30])
+def test_unit_vector_keeps_the_direction_of_tiny_and_huge_vectors(scale):
+    from ootd.serve.parsing import unit_vector
+
+    raw = [scale * (i % 5 - 2) for i in range(128)]
+    unit = np.asarray(unit_vector(raw, 128))
+    assert np.isfinite(unit).all() and abs(np.linalg.norm(unit) - 1) < 1e-9
+    assert np.allclose(unit, np.asarray([i % 5 - 2 for i in range(128)]) / np.linalg.norm([i % 5 - 2 for i in
+                                                                                           range(128)]))
+
+
+@pytest.mark.parametrize("value", [1e39, 1e200, -3.5e38])
+def test_unit_vector_refuses_components_outside_float32(value):
+    from fastapi import HTTPException
+
+    from ootd.serve.parsing import unit_vector
+
+    with pytest.raises(HTTPException) as info:
+        unit_vector([value] + [0.1] * 127, 128)
+    assert info.value.status_code == 422 and "float32" in info.value.detail
+
+
+def test_deeply_nested_json_is_a_422_not_a_recursion_error():
+    import asyncio
+
+    from fastapi import HTTPException
+    from starlette.requests import Request
+
+    from ootd.serve.parsing import MAX_JSON_DEPTH, json_depth, read_json
+
+    def request(body: bytes) -> Request:
+        async def receive():
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return Request({"type": "http", "method": "POST", "headers": [(b"content-type", b"application/json")]},
+                       receive)
+
+    for depth in (MAX_JSON_DEPTH + 1, 100_000):
+        body = b'{"vector": ' + b"[" * depth + b"]" * depth + b"}"
+        with pytest.raises(HTTPException) as info:
+            asyncio.run(read_json(request(body), 1 << 20))
+        assert info.value.status_code == 422 and "nested too deeply" in info.value.detail
+    assert asyncio.run(read_json(request(b'{"vector": [[1]]}'), 1 << 20)) == {"vector": [[1]]}
+    assert json_depth({"a": [1, {"b": []}]}) == 4 and json_depth(5) == 0

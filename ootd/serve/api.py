@@ -34,6 +34,7 @@ STATIC_DIR = Path(__file__).parent / "static"
 MAX_TOP_K = 100
 MAX_IDS = 1000  # ids in one exclude list / recommend request: keeps the Milvus filter expression bounded
 MAX_JSON_BYTES = 1 << 20
+RETRY_AFTER = "1"  # seconds a client should wait after a 503 (a replica restarting, no live collection yet)
 
 Sha256 = Annotated[str, Field(pattern=IMAGE_ID_PATTERN, description="lowercase hex sha256 of the image bytes")]
 StyleName = Literal[STYLES]  # type: ignore[valid-type]
@@ -218,7 +219,7 @@ def create_api(backend: Backend, settings: ApiSettings) -> FastAPI:
         try:
             return await call
         except Unavailable as exc:
-            raise HTTPException(503, str(exc)) from None
+            raise HTTPException(503, str(exc), headers={"Retry-After": RETRY_AFTER}) from None
 
     @api.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, str]:

@@ -1,16 +1,16 @@
-"""Ray Serve deployments of ootd (Ingress → Encoder, Index) and the builders `build_app` / `run_app`."""
+"""Ray Serve deployments of ootd (Ingress → Encoder, Index) and the builders `build_app` / `run_app`.
+
+The Index deployment lives in `ootd.serve.index_deployment` (re-exported here).
+"""
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from ray import serve
 
 from ootd.config import Config, absolute_paths, load_config
@@ -18,13 +18,14 @@ from ootd.logs import quiet_libraries
 from ootd.model.modeldir import model_info
 from ootd.serve.api import ApiSettings, SearchFilters, create_api
 from ootd.serve.backend import Unavailable
+from ootd.serve.index_deployment import Index
 from ootd.serve.pipeline import OutfitPipeline
 from ootd.store.milvus import is_server_uri
 
 log = logging.getLogger(__name__)
 
 APP_NAME = "ootd"
-LIVE_TTL_S = 1.0
+RETRY_AFTER_S = 1.0
 
 
 def resolve_model_dir(config: Config, model_dir: str | Path | None, live_version: str | None) -> Path:
@@ -75,126 +76,31 @@ class Encoder:
         return await asyncio.to_thread(self.pipeline.run, [i[0] for i in items], [i[1] for i in items])
 
 
-@serve.deployment
-class Index:
-    """Owns the Milvus client: reads, writes, and searches batched into one Milvus call."""
-
-    def __init__(self, config: Config, batched: bool = True, max_batch_size: int = 64):
-        """Connects to Milvus.
-
-        Args:
-            config: the store section (and model.embed_dim) is used.
-            batched: batch concurrent searches (False: one Milvus call per request, the benchmark baseline).
-            max_batch_size: most searches merged into one call.
-        """
-        from ootd.store.milvus import MilvusStore
-
-        quiet_libraries()
-        self.store = MilvusStore.from_config(config.store, dim=config.model.embed_dim)
-        self.batched = batched
-        self._search_batch.set_max_batch_size(max_batch_size)
-        # Milvus Lite searches in Python, holding the GIL: requests reach this replica only between searches,
-        # so a batch must wait a little for them or it leaves with one or two queries (see serve.search_batch_wait_s).
-        self._search_batch.set_batch_wait_timeout_s(config.serve.search_batch_wait_s)
-        self._live: tuple[float, str | None] = (-1.0, None)
-
-    def model_version(self) -> str | None:
-        """The model version of the live collection."""
-        return self.store.model_version()
-
-    def _live_version(self) -> str | None:
-        """The live model version, re-read at most every LIVE_TTL_S: two alias lookups per search would cost
-        as much as the search. Searches themselves go through the alias, so they never mix versions."""
-        now = time.monotonic()
-        if now - self._live[0] > LIVE_TTL_S:
-            self._live = (now, self.store.model_version())
-        return self._live[1]
-
-    async def search(self, query: dict[str, Any]) -> dict[str, Any]:
-        """Searches the live collection.
-
-        Args:
-            query: `vector`, `top_k`, `styles`, `exclude_ids`, and `model_version` (the model that made the
-                vector, or None for a stored or raw vector).
-
-        Raises:
-            Unavailable: no live collection, or it holds another model's vectors than the query's.
-        """
-        if self.batched:
-            return await self._search_batch(query)
-        return (await asyncio.to_thread(self._search_many, [query]))[0]
-
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.02)
-    async def _search_batch(self, queries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return await asyncio.to_thread(self._search_many, queries)
-
-    def _search_many(self, queries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """One Milvus call per distinct filter (one in total when no request filters), top_k trimmed per query."""
-        live = self._live_version()
-        out: list[dict[str, Any]] = [{} for _ in queries]
-        groups: dict[tuple, list[int]] = {}
-        for i, q in enumerate(queries):
-            if live is None:
-                out[i] = {"error": "no live collection: run `ootd index` first"}
-            elif q.get("model_version") and q["model_version"] != live:
-                out[i] = {"error": f"the live collection holds model {live} but the encoder serves "
-                                   f"{q['model_version']}: redeploy the app to serve {live}"}
-            else:
-                key = (tuple(sorted(q.get("styles") or ())), tuple(sorted(q.get("exclude_ids") or ())))
-                groups.setdefault(key, []).append(i)
-        for (styles, exclude), members in groups.items():
-            top_k = max(queries[i]["top_k"] for i in members)
-            vectors = np.asarray([queries[i]["vector"] for i in members], dtype=np.float32)
-            hits = self.store.search(vectors, top_k, styles=list(styles) or None, exclude_ids=list(exclude) or None)
-            for i, found in zip(members, hits, strict=True):
-                out[i] = {"hits": [dataclasses.asdict(h) for h in found[: queries[i]["top_k"]]], "model_version": live}
-        return out
-
-    def get(self, ids: list[str]) -> list[dict[str, Any]] | dict[str, str]:
-        """Rows by id from the live collection (an `error` dict when nothing is live)."""
-        try:
-            rows = self.store.get(ids)
-        except LookupError as exc:
-            return {"error": str(exc)}
-        return [{**r, "embedding": [float(v) for v in r["embedding"]], "box": list(r["box"])} for r in rows]
-
-    def upsert(self, row: dict[str, Any], model_version: str) -> dict[str, Any]:
-        """Writes one row into the live collection if it holds `model_version`'s vectors."""
-        live = self.store.model_version()
-        if live is None:
-            return {"error": "no live collection: run `ootd index` first"}
-        if live != model_version:
-            return {"error": f"the live collection holds model {live}, the encoder serves {model_version}: "
-                             "redeploy the app"}
-        self.store.upsert([row])
-        return {"written": 1}
-
-    def delete(self, image_id: str) -> int | dict[str, str]:
-        """Deletes one id from the live collection; how many rows existed."""
-        try:
-            return self.store.delete([image_id])
-        except LookupError as exc:
-            return {"error": str(exc)}
-
-    def stats(self) -> dict[str, Any]:
-        """Model version, live collection, counts."""
-        live = self.store.live_collection()
-        if live is None:
-            return {"error": "no live collection: run `ootd index` first"}
-        by_style = self.store.count_by_style()
-        return {"model_version": self.store.model_version(), "collection": live, "count": sum(by_style.values()),
-                "count_by_style": by_style, "embed_dim": self.store.dim}
-
-    def ping(self) -> bool:
-        """Whether Milvus answers."""
-        return self.store.ping()
-
-
 def _checked(result: Any) -> Any:
-    """A deployment's result, or Unavailable for the `error` dicts deployments return for a missing collection."""
+    """A deployment's result; its `error` dicts become a 4xx (bad input, `status` < 500) or Unavailable (503)."""
     if isinstance(result, dict) and "error" in result:
+        status = int(result.get("status", 503))
+        if status < 500:
+            from fastapi import HTTPException
+
+            raise HTTPException(status, result["error"])
         raise Unavailable(result["error"])
     return result
+
+
+async def _with_retry(call: Any, *args: Any) -> Any:
+    """`call.remote(*args)`, retried once when the replica died or is restarting (reads, and writes idempotent by
+    content id); still failing is Unavailable (a 503 with Retry-After), never a 500."""
+    from ray.exceptions import ActorUnavailableError, RayActorError
+
+    for attempt in range(2):
+        try:
+            return await call.remote(*args)
+        except (RayActorError, ActorUnavailableError) as exc:
+            if attempt:
+                raise Unavailable(f"the index is restarting ({type(exc).__name__}): retry shortly") from None
+            await asyncio.sleep(RETRY_AFTER_S)
+    raise AssertionError("unreachable")
 
 
 @serve.deployment
@@ -227,20 +133,17 @@ class Ingress:
                      ) -> dict[str, Any]:
         query = {"vector": vector, "top_k": filters.top_k, "styles": filters.styles,
                  "exclude_ids": filters.exclude_ids, "model_version": model_version}
-        return _checked(await self.index.search.remote(query))
+        return _checked(await _with_retry(self.index.search, query))
 
     async def get(self, ids: list[str]) -> list[dict[str, Any]]:
-        return _checked(await self.index.get.remote(ids))
+        return _checked(await _with_retry(self.index.get, ids))
 
     async def upsert(self, row: dict[str, Any], crop: bytes, model_version: str) -> None:
-        # Crop first: an item Milvus acknowledges always has its image.
-        await asyncio.to_thread(self.media.put, row["id"], crop)
-        _checked(await self.index.upsert.remote(row, model_version))
+        # The Index stores the crop, logs and commits the row: one writer, durable before it answers.
+        _checked(await _with_retry(self.index.upsert, row, crop, model_version))
 
     async def delete(self, image_id: str) -> bool:
-        existed = _checked(await self.index.delete.remote(image_id))
-        had_image = await asyncio.to_thread(self.media.delete, image_id)
-        return bool(existed) or had_image
+        return bool(_checked(await _with_retry(self.index.delete, image_id))["deleted"])
 
     async def read_image(self, image_id: str) -> bytes | None:
         try:

@@ -15,6 +15,8 @@ from ootd.styles import STYLES
 
 FORM_OVERHEAD = 64 << 10  # multipart boundaries and text fields beside the image
 IMAGE_TYPES = ("image/", "application/octet-stream")
+MAX_JSON_DEPTH = 32  # the request models nest 2 levels deep
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def check_upload(data: bytes, max_pixels: int) -> None:
@@ -113,9 +115,26 @@ async def read_json(request: Request, limit: int) -> Any:
         raise HTTPException(415, f"expected application/json, got {media_type(request) or 'no content type'}")
     body = await read_body(request, limit, "the JSON body")
     try:
-        return json.loads(body, parse_constant=_no_constant)
+        payload = json.loads(body, parse_constant=_no_constant)
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
         raise HTTPException(422, f"malformed JSON: {exc}") from None
+    except RecursionError:
+        raise HTTPException(422, f"the JSON body is nested too deeply (at most {MAX_JSON_DEPTH} levels)") from None
+    if json_depth(payload) > MAX_JSON_DEPTH:
+        # Parsed, but validating or echoing it would recurse as deep: refuse it as input, not a server error.
+        raise HTTPException(422, f"the JSON body is nested too deeply (at most {MAX_JSON_DEPTH} levels)")
+    return payload
+
+
+def json_depth(value: Any) -> int:
+    """Nesting depth of parsed JSON (a scalar is 0), measured without recursion."""
+    depth, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, (list, dict)):
+            depth = max(depth, level)
+            stack.extend((child, level + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return depth
 
 
 def validate(model: type[BaseModel], payload: Any) -> Any:
@@ -155,13 +174,21 @@ def form_item_fields(form: Any) -> tuple[str, str, dict[str, Any]]:
 
 
 def unit_vector(vector: list[float], dim: int) -> list[float]:
-    """The query vector L2-normalised; 422 for a wrong length or a zero vector."""
+    """The query vector L2-normalised; 422 for a wrong length, a zero vector or values outside float32.
+
+    Scaled by its largest component before squaring, so a vector whose squared norm would overflow (or
+    underflow) still gets its direction; embeddings are float32, so larger components are refused.
+    """
     if len(vector) != dim:
         raise HTTPException(422, f"`vector` must have {dim} numbers (the model's embedding dim), got {len(vector)}")
-    norm = math.sqrt(sum(v * v for v in vector))
-    if not norm > 1e-12:
+    largest = max((abs(v) for v in vector), default=0.0)
+    if not math.isfinite(largest) or largest > FLOAT32_MAX:
+        raise HTTPException(422, f"`vector` has a component outside the float32 range (|v| <= {FLOAT32_MAX:.4g})")
+    if largest == 0.0:
         raise HTTPException(422, "`vector` is all zeros: cosine similarity is undefined")
-    return [v / norm for v in vector]
+    scaled = [v / largest for v in vector]
+    norm = math.sqrt(sum(v * v for v in scaled))
+    return [v / norm for v in scaled]
 
 
 def _no_constant(name: str) -> Any:

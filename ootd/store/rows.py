@@ -64,7 +64,8 @@ def check_vector(value: Any, dim: int, what: str) -> np.ndarray:
         ValueError: naming `what` and the problem.
     """
     try:
-        vec = np.asarray(value, dtype=np.float32)
+        with np.errstate(over="ignore"):  # a value beyond float32 becomes inf, refused just below
+            vec = np.asarray(value, dtype=np.float32)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{what}: not a vector of numbers ({exc})") from None
     if vec.shape != (dim,):
