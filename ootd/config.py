@@ -123,6 +123,8 @@ class StoreConfig:
     search_ef: int = _bounded(64, lo=1)
     # Where crop images are kept, keyed by image id (a directory or an fsspec URL).
     media: str = "runs/media"
+    # The append-only log of API writes (a local directory); "" means <data.workdir>/items_log.
+    items_log: str = ""
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,9 @@ class ServeConfig:
     encoder_num_cpus: float = _bounded(0.5, lo=0.0)
     index_num_cpus: float = _bounded(0.25, lo=0.0)
     ingress_num_cpus: float = _bounded(0.25, lo=0.0)
+    # Merge concurrent writes into one items-log fsync + one Milvus call (False: one commit per write, the
+    # benchmark baseline); either way a 2xx comes only after the write is durable.
+    group_commit: bool = True
 
 
 @dataclass(frozen=True)
@@ -317,6 +322,9 @@ def absolute_paths(config: Config) -> Config:
         local = Path(media.removeprefix("file://")).expanduser()
         if not local.is_absolute():
             sets.append(f"store.media={local.absolute()}")
+    items_log = config.store.items_log
+    if items_log and not Path(items_log).expanduser().is_absolute():
+        sets.append(f"store.items_log={Path(items_log).expanduser().absolute()}")
     if not Path(config.data.workdir).expanduser().is_absolute():
         sets.append(f"data.workdir={Path(config.data.workdir).expanduser().absolute()}")
     return with_overrides(config, sets) if sets else config
