@@ -121,6 +121,9 @@ class StoreConfig:
     hnsw_m: int = _bounded(16, lo=2)
     hnsw_ef_construction: int = _bounded(200, lo=8)
     search_ef: int = _bounded(64, lo=1)
+    # Searches see the writing replica's own writes at once, others' within Milvus' time tick; "Strong" costs a
+    # tick (~200 ms on a server) per search (benchmarks/results/milvus_backends.md).
+    search_consistency: Literal["Strong", "Session", "Bounded", "Eventually"] = "Session"
     # Where crop images are kept, keyed by image id (a directory or an fsspec URL).
     media: str = "runs/media"
     # The append-only log of API writes (a local directory); "" means <data.workdir>/items_log.

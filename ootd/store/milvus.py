@@ -33,6 +33,7 @@ UPSERT_BATCH = 2_000
 # Ids per `id in [...]` expression: keeps expressions short on servers with expression-length limits.
 ID_BATCH = 1_000
 _NOT_LOADED = 101  # Milvus error code: collection not loaded
+CONSISTENCY_LEVELS = ("Strong", "Session", "Bounded", "Eventually")
 SERVER_SCHEMES = ("http://", "https://", "tcp://")  # anything else is a Milvus Lite file
 
 # Milvus Lite runs in-process, one server per file and process; it holds the file's lock until released,
@@ -60,6 +61,7 @@ class MilvusStore:
         hnsw_m: int = 16,
         hnsw_ef_construction: int = 200,
         search_ef: int = 64,
+        search_consistency: str = "Session",
     ):
         """Connects to Milvus.
 
@@ -72,6 +74,10 @@ class MilvusStore:
             hnsw_m: HNSW graph degree.
             hnsw_ef_construction: HNSW build-time candidate list size.
             search_ef: HNSW search-time candidate list size (raised to top_k when smaller).
+            search_consistency: Milvus consistency level of searches. `Strong` waits for the server's next time
+                tick on every search (~200 ms on Milvus 2.3 standalone: p50 200 ms vs 3 ms, measured);
+                `Session` sees this client's own writes at once (the Index replica that acknowledged them)
+                and other clients' within the tick; reads by id and counts stay Strong.
 
         Raises:
             ValueError: for a malformed URI, alias or parameter.
@@ -81,7 +87,9 @@ class MilvusStore:
         if dim < 1 or hnsw_m < 2 or hnsw_ef_construction < 1 or search_ef < 1:
             raise ValueError(f"bad store parameters: dim={dim} hnsw_m={hnsw_m} "
                              f"hnsw_ef_construction={hnsw_ef_construction} search_ef={search_ef}")
-        self.alias, self.dim = alias, dim
+        if search_consistency not in CONSISTENCY_LEVELS:
+            raise ValueError(f"search_consistency must be one of {', '.join(CONSISTENCY_LEVELS)}")
+        self.alias, self.dim, self.search_consistency = alias, dim, search_consistency
         self.hnsw_m, self.hnsw_ef_construction, self.search_ef = hnsw_m, hnsw_ef_construction, search_ef
         self.uri, self._lite_path = _resolve_uri(uri)
         from pymilvus import MilvusClient
@@ -106,7 +114,8 @@ class MilvusStore:
     def from_config(cls, store: StoreConfig, dim: int = 128) -> MilvusStore:
         """A store for the `store` config section and the model's embedding dimension."""
         return cls(store.uri, store.token, alias=store.alias, dim=dim, hnsw_m=store.hnsw_m,
-                   hnsw_ef_construction=store.hnsw_ef_construction, search_ef=store.search_ef)
+                   hnsw_ef_construction=store.hnsw_ef_construction, search_ef=store.search_ef,
+                   search_consistency=store.search_consistency)
 
     @staticmethod
     def collection_name(model_version: str) -> str:
@@ -312,7 +321,7 @@ class MilvusStore:
         params = {"metric_type": "COSINE", "params": {"ef": max(self.search_ef, int(top_k))}}
         result = self._call(collection, self._client.search, name, data=queries.tolist(), filter=expr,
                             limit=int(top_k), output_fields=OUTPUT_FIELDS, search_params=params,
-                            anns_field="embedding")
+                            anns_field="embedding", consistency_level=self.search_consistency)
         return [sorted((_hit(h) for h in hits), key=lambda h: -h.score) for hits in result]
 
     # -- connection ---------------------------------------------------------------------------------------------
