@@ -16,6 +16,7 @@ from ootd.config import absolute_paths, with_overrides
 from ootd.index import run_index
 from ootd.model.modeldir import model_info
 from ootd.store.media import MediaStore
+from tests.conftest import reset_milvus
 
 CROPS_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("source", pa.string()), ("style", pa.string()), ("width", pa.int32()),
@@ -130,11 +131,14 @@ def test_model_info_names_the_fix_for_a_non_model_dir(tmp_path):
 # -- index job (slow: Ray Data actors, Milvus Lite) ---------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def indexed(ray_session, tiny_config, synthetic_set, tmp_path_factory):
-    """Two tiny models, an ingest-like crops table and a config on a fresh Milvus Lite file."""
+@pytest.fixture(scope="module", params=["lite", "standalone"])
+def indexed(request, ray_session, tiny_config, synthetic_set, tmp_path_factory):
+    """Two tiny models, an ingest-like crops table and a config on a fresh Milvus Lite file or an emptied Milvus
+    standalone server (where a plain insert of an existing key would duplicate it: the reruns check upsert)."""
     root = tmp_path_factory.mktemp("index")
-    cfg = with_overrides(tiny_config, [f"store.uri={root / 'milvus.db'}", f"store.media={root / 'media'}",
+    uri = (str(root / "milvus.db") if request.param == "lite"
+           else reset_milvus(request.getfixturevalue("milvus_standalone")))
+    cfg = with_overrides(tiny_config, [f"store.uri={uri}", f"store.media={root / 'media'}",
                                        f"data.workdir={root}", "detect.num_cpus=0.25"])
     crops = write_detected_crops(synthetic_set, root / "crops", cfg.detect, cfg.data.crop_max_side)
     table = pq.read_table(crops).to_pandas()
