@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -12,6 +13,11 @@ from typing import Any, Literal
 import yaml
 
 CONFIGS_DIR = Path(__file__).parent / "configs"
+
+# Secrets: never logged or saved (shown as REDACTED); taken from the environment when the config leaves them empty,
+# so they need not be on a command line (where `ps` and shell history see them).
+SECRET_ENV = {"serve.api_key": "OOTD_API_KEY", "store.token": "OOTD_MILVUS_TOKEN"}
+REDACTED = "***"
 
 
 class ConfigError(ValueError):
@@ -116,6 +122,7 @@ class StoreConfig:
 
     # A path ending in .db opens Milvus Lite in-process; http(s)://host:port talks to a Milvus server.
     uri: str = "runs/milvus.db"
+    # Milvus server credentials (`user:password` or an API key); a secret: env OOTD_MILVUS_TOKEN, never saved.
     token: str = ""
     alias: str = "ootd"
     hnsw_m: int = _bounded(16, lo=2)
@@ -139,9 +146,16 @@ class ServeConfig:
     # Model dir to serve; "" means <workdir>/models/<version of the live Milvus collection>, so the encoder
     # always matches the vectors it is compared with.
     model_dir: str = ""
-    # When set, writes (POST/DELETE /v1/items) need header `x-api-key: <api_key>`.
+    # When set, writes (POST/DELETE /v1/items) need header `x-api-key: <api_key>`; a secret: env OOTD_API_KEY,
+    # never logged or saved.
     api_key: str = ""
+    # Without an API key a non-loopback `host` refuses to start (anyone who reaches it could write) unless this is
+    # true: for a network that is private by other means.
+    allow_open_writes: bool = False
     max_image_bytes: int = _bounded(10 * 2**20, lo=1)
+    # Decompression-bomb guard of uploads, far below ingest's `data.max_image_pixels`: a replica decodes a whole
+    # batch at once and must not run out of memory on any upload. Larger JPEGs are downscaled while decoding.
+    max_image_pixels: int = _bounded(16_000_000, lo=1)
     min_replicas: int = _bounded(1, lo=0)
     max_replicas: int = _bounded(2, lo=1)
     target_ongoing_requests: float = _bounded(8.0, lo=0.1)
@@ -191,7 +205,7 @@ def load_config(source: str | Path | None = "default", overrides: typing.Iterabl
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of sections, got {type(loaded).__name__}")
         tree = loaded
-    return _build(Config, _apply_overrides(tree, overrides), prefix="")
+    return _secrets_from_env(_build(Config, _apply_overrides(tree, overrides), prefix=""))
 
 
 def builtin_config_names() -> list[str]:
@@ -199,13 +213,25 @@ def builtin_config_names() -> list[str]:
     return sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
 
 
-def config_to_dict(config: Config) -> dict[str, Any]:
-    """The tree as plain YAML-able data (tuples become lists)."""
-    return _plain(dataclasses.asdict(config))
+def config_to_dict(config: Config, *, redact: bool = True) -> dict[str, Any]:
+    """The tree as plain YAML-able data (tuples become lists).
+
+    Args:
+        config: the tree.
+        redact: replace set secrets (`SECRET_ENV` keys) by `REDACTED`; everything this returns may end up in a
+            saved file (config.yaml, ootd_model.json, reports), so only the config machinery itself passes False.
+    """
+    tree = _plain(dataclasses.asdict(config))
+    if redact:
+        for dotted in SECRET_ENV:
+            section, name = dotted.split(".")
+            if tree[section][name]:
+                tree[section][name] = REDACTED
+    return tree
 
 
 def save_config(config: Config, path: str | Path) -> Path:
-    """Writes the resolved config as YAML; jobs call this next to what they produce."""
+    """Writes the resolved config as YAML, secrets redacted; jobs call this next to what they produce."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
@@ -213,8 +239,32 @@ def save_config(config: Config, path: str | Path) -> Path:
 
 
 def with_overrides(config: Config, overrides: typing.Iterable[str]) -> Config:
-    """A copy of `config` with dotted overrides applied and validated."""
-    return _build(Config, _apply_overrides(config_to_dict(config), overrides), prefix="")
+    """A copy of `config` with dotted overrides applied and validated (secrets kept)."""
+    return _build(Config, _apply_overrides(config_to_dict(config, redact=False), overrides), prefix="")
+
+
+def redact_overrides(overrides: typing.Iterable[str]) -> list[str]:
+    """The overrides as they may be logged: the value of every secret key replaced by `REDACTED`."""
+    shown = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        secret = key.strip() in SECRET_ENV and sep and raw
+        shown.append(f"{key}={REDACTED}" if secret else item)
+    return shown
+
+
+def _secrets_from_env(config: Config) -> Config:
+    """Fills each secret the config leaves empty (or holds redacted, as a saved config.yaml does) from its
+    environment variable (`SECRET_ENV`)."""
+    changes: dict[str, dict[str, str]] = {}
+    for dotted, env in SECRET_ENV.items():
+        section, name = dotted.split(".")
+        current = getattr(getattr(config, section), name)
+        if current in ("", REDACTED):
+            changes.setdefault(section, {})[name] = os.environ.get(env, "")
+    for section, values in changes.items():
+        config = dataclasses.replace(config, **{section: dataclasses.replace(getattr(config, section), **values)})
+    return config
 
 
 def _apply_overrides(tree: dict[str, Any], overrides: typing.Iterable[str]) -> dict[str, Any]:
@@ -222,11 +272,14 @@ def _apply_overrides(tree: dict[str, Any], overrides: typing.Iterable[str]) -> d
         key, sep, raw = item.partition("=")
         parts = key.strip().split(".")
         if not sep or len(parts) != 2 or not all(parts):
-            raise ConfigError(f"override {item!r} must look like section.key=value")
+            # Not echoed whole: it may be a mistyped secret.
+            raise ConfigError(f"override {key.strip()!r}=... must look like section.key=value")
         section, name = parts
         if not isinstance(tree.setdefault(section, {}), dict):
             raise ConfigError(f"config section {section!r} must be a mapping")
-        tree[section][name] = yaml.safe_load(raw) if raw.strip() else ""
+        # A secret is taken verbatim: YAML would turn a key like 0123 into the number 83.
+        secret = f"{section}.{name}" in SECRET_ENV
+        tree[section][name] = raw if secret else yaml.safe_load(raw) if raw.strip() else ""
     return tree
 
 
@@ -297,6 +350,10 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
     if hint is str:
         if value is None:
             return ""
+        if key in SECRET_ENV:
+            if not isinstance(value, str):  # an unquoted YAML number would be silently rewritten; never echo it
+                raise ConfigError(f"{key} must be a quoted string in YAML (its value is not shown: a secret)")
+            return value
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{key} must be a string, got {value!r}")
         return str(value)

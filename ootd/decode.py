@@ -6,6 +6,7 @@ import hashlib
 import io
 import re
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,10 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", 
 # Background that transparent pixels are composited onto: photos shown on white pages look like this.
 ALPHA_BACKGROUND = (255, 255, 255)
 
+# Formats the serve path decodes (PIL names): what phones and browsers upload. Every other PIL plugin (TIFF and
+# its libtiff codecs, PSD, ICO, EPS via Ghostscript, ...) is decoder surface an upload need not reach.
+SERVE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
+
 IMAGE_ID_PATTERN = r"^[0-9a-f]{64}$"  # DESIGN §4; also the HTTP API's path/field pattern
 _PIL_BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
 
@@ -37,6 +42,14 @@ class InputError(Exception):
     def __init__(self, stage: str, message: str):
         super().__init__(message)
         self.stage = stage
+
+
+class UnsupportedFormat(InputError):
+    """An image PIL can read, in a format outside the allowed ones (HTTP 415)."""
+
+
+class TooManyPixels(InputError):
+    """An image over the pixel limit: a decompression bomb or simply too large (HTTP 413)."""
 
 
 @dataclass(frozen=True)
@@ -107,7 +120,8 @@ def read_file(path: str | Path, max_bytes: int) -> bytes:
     return data
 
 
-def probe(data: bytes, max_pixels: int) -> ImageHeader:
+def probe(data: bytes, max_pixels: int, formats: Sequence[str] | None = None,
+          limit_name: str = "data.max_image_pixels") -> ImageHeader:
     """Identifies an image from its header only and applies the decompression-bomb guard.
 
     Cheap enough for the hashing pass: PIL parses the header lazily and no pixel is decoded, so a
@@ -116,9 +130,12 @@ def probe(data: bytes, max_pixels: int) -> ImageHeader:
     Args:
         data: the file bytes.
         max_pixels: the largest accepted width x height (`data.max_image_pixels`).
+        formats: PIL format names accepted (e.g. `SERVE_FORMATS`); None accepts every format PIL reads.
+        limit_name: the config key of `max_pixels`, named in the error.
 
     Raises:
-        InputError: stage `decode` for empty data, a non-image or an image over the pixel limit.
+        InputError: stage `decode` for empty data or a non-image; `UnsupportedFormat` for a format outside
+            `formats`; `TooManyPixels` for an image over the pixel limit.
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -127,33 +144,48 @@ def probe(data: bytes, max_pixels: int) -> ImageHeader:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides, below
-            with Image.open(io.BytesIO(data)) as img:
+            with Image.open(io.BytesIO(data), formats=formats) as img:
                 header = ImageHeader(format=str(img.format), width=img.width, height=img.height, mode=img.mode)
     except UnidentifiedImageError:
+        if formats is not None:
+            _refuse_format(data, formats)
         raise InputError(DECODE, f"not an image: no known image format in the first bytes {data[:16]!r}") from None
     except Image.DecompressionBombError as exc:
         # PIL refuses at open time beyond twice its own limit; report it in terms of ours.
         found = _PIL_BOMB_PIXELS.search(str(exc))
         claimed = f"{int(found.group(1)):,} pixels" if found else "more pixels than PIL accepts"
-        raise InputError(DECODE, _bomb_message(claimed, max_pixels)) from None
+        raise TooManyPixels(DECODE, _bomb_message(claimed, max_pixels, limit_name)) from None
     except Exception as exc:  # noqa: BLE001 - header parsers raise many types for malformed files
         raise InputError(DECODE, f"unreadable image header: {type(exc).__name__}: {exc}") from None
     pixels = header.width * header.height
     if header.width < 1 or header.height < 1:
         raise InputError(DECODE, f"image header claims an empty size {header.width}x{header.height}")
     if pixels > max_pixels:
-        raise InputError(DECODE, _bomb_message(f"{header.width}x{header.height} = {pixels:,} pixels", max_pixels))
+        raise TooManyPixels(DECODE, _bomb_message(f"{header.width}x{header.height} = {pixels:,} pixels", max_pixels,
+                                                  limit_name))
     return header
 
 
-def _bomb_message(claimed: str, max_pixels: int) -> str:
-    return (
-        f"image header claims {claimed}, over data.max_image_pixels={max_pixels:,} "
-        "(decompression-bomb guard); not decoded"
-    )
+def _refuse_format(data: bytes, formats: Sequence[str]) -> None:
+    """Names the format of an upload outside `formats` (header only, as ingest reads every file) and raises."""
+    from PIL import Image
+
+    allowed = ", ".join(formats)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as img:
+                found = str(img.format)
+    except Exception:  # noqa: BLE001 - not an image at all: the caller says so
+        return
+    raise UnsupportedFormat(DECODE, f"{found} images are not accepted; send one of {allowed}")
 
 
-def decode(data: bytes, max_pixels: int) -> Image.Image:
+def _bomb_message(claimed: str, max_pixels: int, limit_name: str = "data.max_image_pixels") -> str:
+    return f"image header claims {claimed}, over {limit_name}={max_pixels:,} (decompression-bomb guard); not decoded"
+
+
+def decode(data: bytes, max_pixels: int, formats: Sequence[str] | None = None) -> Image.Image:
     """Fully decodes an image as upright 8-bit RGB.
 
     The header is checked first (`probe`), then every pixel is decoded so truncated files fail here and not
@@ -162,17 +194,18 @@ def decode(data: bytes, max_pixels: int) -> Image.Image:
     Args:
         data: the file bytes.
         max_pixels: the largest accepted width x height (`data.max_image_pixels`).
+        formats: PIL format names accepted; None: every format PIL reads.
 
     Raises:
         InputError: stage `decode` for anything that is not a complete, usable image.
     """
     from PIL import Image, ImageOps
 
-    header = probe(data, max_pixels)
+    header = probe(data, max_pixels, formats)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=formats)
             img.load()
     except Exception as exc:  # noqa: BLE001 - PIL decoders raise OSError, SyntaxError, ValueError, EOFError ...
         reason = "truncated or corrupt" if "truncated" in str(exc).lower() else "corrupt"
@@ -185,6 +218,115 @@ def decode(data: bytes, max_pixels: int) -> Image.Image:
         return to_rgb(upright if upright is not None else img)
     except Exception as exc:  # noqa: BLE001
         raise InputError(DECODE, f"cannot convert {header.mode} {header.format} image to RGB: {exc}") from None
+
+
+@dataclass(frozen=True)
+class BoundedImage:
+    """A photo decoded at a bounded size for serving.
+
+    Attributes:
+        image: upright 8-bit RGB, long side at most the requested `max_side` (or the photo's own size).
+        width: upright width of the photo as stored (what boxes are reported in).
+        height: upright height of the photo as stored.
+    """
+
+    image: Image.Image
+    width: int
+    height: int
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        """(x, y) factors from `image` pixels to the photo's pixels."""
+        return self.width / self.image.width, self.height / self.image.height
+
+
+# EXIF orientation → the transpose that makes the photo upright (as `ImageOps.exif_transpose` does).
+_ORIENT = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE", 6: "ROTATE_270",
+           7: "TRANSVERSE", 8: "ROTATE_90"}
+
+
+def _fit(width: int, height: int, max_side: int) -> tuple[int, int]:
+    scale = max_side / max(width, height)
+    return max(1, int(width * scale)), max(1, int(height * scale))
+
+
+def decoded_size(data: bytes, max_side: int, formats: Sequence[str] | None = SERVE_FORMATS
+                 ) -> tuple[ImageHeader, tuple[int, int]]:
+    """The header, and the size `decode_bounded` would decode at (a JPEG is reduced up to 8x while it decodes).
+
+    Header only: no pixel is decoded, so the ingress can apply the pixel limit to what a replica will hold.
+
+    Raises:
+        InputError: as `probe` (without its pixel limit).
+    """
+    import sys
+
+    from PIL import Image
+
+    header = probe(data, sys.maxsize, formats)
+    if header.format != "JPEG" or max(header.width, header.height) <= max_side:
+        return header, (header.width, header.height)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(io.BytesIO(data), formats=["JPEG"]) as img:
+            img.draft("RGB", _fit(header.width, header.height, max_side))
+            return header, img.size
+
+
+def decode_bounded(data: bytes, max_pixels: int, max_side: int, formats: Sequence[str] | None = SERVE_FORMATS,
+                   limit_name: str = "serve.max_image_pixels") -> BoundedImage:
+    """Decodes an upload as upright RGB with bounded memory: what the serve path holds per photo.
+
+    A photo no longer than `max_side` decodes exactly as `decode` does (the same pixels ingest saw). A larger
+    JPEG is decoded at 1/2, 1/4 or 1/8 scale by libjpeg itself (`draft`), never at full size; any other larger
+    image is decoded (within `max_pixels`) and then box-reduced by an integer factor, so a batch of decoded
+    uploads stays small whatever was sent.
+
+    Args:
+        data: the upload's bytes.
+        max_pixels: most pixels decoded into memory at once (after the JPEG reduction).
+        max_side: the long side kept (enough for the detector and the crops).
+        formats: PIL format names accepted.
+        limit_name: the config key of `max_pixels`, named in the error.
+
+    Raises:
+        InputError: stage `decode`; `UnsupportedFormat` and `TooManyPixels` as their names say.
+    """
+    from PIL import Image
+
+    header, (width, height) = decoded_size(data, max_side, formats)
+    if width * height > max_pixels:
+        claimed = f"{header.width}x{header.height}" + (f", decoded at {width}x{height}," if width != header.width
+                                                        else "")
+        raise TooManyPixels(DECODE, _bomb_message(f"{claimed} = {width * height:,} pixels", max_pixels, limit_name))
+    if max(header.width, header.height) <= max_side:
+        image = decode(data, max_pixels, formats)
+        return BoundedImage(image, image.width, image.height)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=formats)
+            if header.format == "JPEG":
+                img.draft("RGB", _fit(header.width, header.height, max_side))
+            img.load()
+    except Exception as exc:  # noqa: BLE001 - PIL decoders raise OSError, SyntaxError, ValueError, EOFError ...
+        raise InputError(DECODE, f"corrupt {header.format} data: {type(exc).__name__}: {exc}") from None
+    try:
+        orientation = img.getexif().get(0x0112)
+    except Exception:  # noqa: BLE001 - a malformed EXIF block is no reason to lose a readable photo
+        orientation = None
+    try:
+        rgb = to_rgb(img)
+    except Exception as exc:  # noqa: BLE001
+        raise InputError(DECODE, f"cannot convert {header.mode} {header.format} image to RGB: {exc}") from None
+    factor = -(-max(rgb.size) // max_side)  # ceil: the draft leaves a JPEG up to twice as long as asked
+    if factor >= 2:
+        rgb = rgb.reduce(factor)
+    swapped = orientation in (5, 6, 7, 8)
+    if orientation in _ORIENT:  # the transposes of `decode`'s exif_transpose, on the reduced image
+        rgb = rgb.transpose(getattr(Image.Transpose, _ORIENT[orientation]))
+    width, height = (header.height, header.width) if swapped else (header.width, header.height)
+    return BoundedImage(rgb, width, height)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

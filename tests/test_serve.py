@@ -216,6 +216,17 @@ def test_health_readiness_docs_and_gallery(app):
 
 
 @slow
+def test_no_saved_config_or_model_file_holds_the_api_key(app):
+    """The index job got `--set serve.api_key=...`: every config.yaml and model json it wrote has it redacted."""
+    saved = [*app["root"].rglob("config.yaml"), *app["root"].rglob("*.json")]
+    assert any(p.name == "config.yaml" for p in saved)
+    for path in saved:
+        assert API_KEY not in path.read_text(errors="replace"), path
+    configs = [p for p in saved if p.name == "config.yaml"]
+    assert any("api_key: '***'" in p.read_text() for p in configs)
+
+
+@slow
 def test_stats_count_every_indexed_crop(app):
     import requests
 
@@ -370,12 +381,25 @@ def test_recommend_moves_towards_liked_styles_and_excludes_rated(app):
 
 
 @slow
-def test_non_image_bytes_are_a_400(app):
+def test_non_image_bytes_are_a_422(app):
+    """A well-formed request whose `image` is no photo is unprocessable content (422), as the README says."""
     resp = _post_image(app["url"], "/v1/embed", b"this is plain text, not a photo")
-    assert resp.status_code == 400 and "could not decode" in _detail(resp)
-    truncated = Path(app["table"].iloc[0]["source"]).read_bytes()[:400]
+    assert resp.status_code == 422 and "could not decode" in _detail(resp)
+    truncated = Path(app["table"].iloc[0]["source"]).read_bytes()[:400]  # a valid header: the Encoder finds it
     resp = _post_image(app["url"], "/v1/search", truncated)
-    assert resp.status_code == 400 and "could not decode" in _detail(resp)
+    assert resp.status_code == 422 and "could not decode" in _detail(resp)
+    resp = _post_image(app["url"], "/v1/embed", b"")  # an empty file part
+    assert resp.status_code == 422 and "empty" in _detail(resp)
+
+
+@slow
+def test_image_formats_outside_the_allow_list_are_a_415(app):
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(buffer, format="TIFF")
+    resp = _post_image(app["url"], "/v1/embed", buffer.getvalue(), ctype="image/tiff")
+    assert resp.status_code == 415 and "TIFF" in _detail(resp) and "JPEG" in _detail(resp)
 
 
 @slow
@@ -384,8 +408,6 @@ def test_empty_bodies_are_a_400(app):
 
     resp = requests.post(f"{app['url']}/v1/embed", data=b"",
                          headers={"content-type": "multipart/form-data; boundary=x"}, timeout=HTTP_TIMEOUT)
-    assert resp.status_code == 400 and "empty" in _detail(resp)
-    resp = _post_image(app["url"], "/v1/embed", b"")
     assert resp.status_code == 400 and "empty" in _detail(resp)
     resp = requests.post(f"{app['url']}/v1/search", data=b"", headers={"content-type": "application/json"},
                          timeout=HTTP_TIMEOUT)

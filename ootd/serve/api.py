@@ -16,8 +16,20 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ootd.decode import IMAGE_ID_PATTERN
 from ootd.serve.backend import Backend, Unavailable
+from ootd.serve.contract import (
+    IDS_FIELD,
+    IMAGE_FORM,
+    ITEM_FORM,
+    SEARCH_FORM,
+    STYLES_FIELD,
+    ReadyState,
+    error_responses,
+    install,
+    openapi_body,
+)
 from ootd.serve.parsing import (
-    MAX_SOURCE_BYTES,
+    FLOAT32_MAX,
+    MAX_IDS,
     form_item_fields,
     form_list,
     image_from,
@@ -32,7 +44,6 @@ from ootd.styles import STYLES
 
 STATIC_DIR = Path(__file__).parent / "static"
 MAX_TOP_K = 100
-MAX_IDS = 1000  # ids in one exclude list / recommend request: keeps the Milvus filter expression bounded
 MAX_JSON_BYTES = 1 << 20
 RETRY_AFTER = "1"  # seconds a client should wait after a 503 (a replica restarting, no live collection yet)
 
@@ -143,7 +154,7 @@ class ApiSettings:
     embed_dim: int = 128
     api_key: str = ""
     max_image_bytes: int = 10 << 20
-    max_image_pixels: int = 40_000_000
+    max_image_pixels: int = 16_000_000
 
 
 def _form_filters(form: Any) -> SearchFilters:
@@ -151,8 +162,8 @@ def _form_filters(form: Any) -> SearchFilters:
     top_k = form.get("top_k")
     if isinstance(top_k, str) and top_k.strip():
         payload["top_k"] = top_k.strip()
-    for key in ("styles", "exclude_ids"):
-        values = form_list(form, key)
+    for key, pattern in (("styles", STYLES_FIELD), ("exclude_ids", IDS_FIELD)):
+        values = form_list(form, key, pattern)
         if values:
             payload[key] = values
     return validate(SearchFilters, payload)
@@ -160,33 +171,6 @@ def _form_filters(form: Any) -> SearchFilters:
 
 def _outfit(result: dict[str, Any]) -> Outfit:
     return Outfit(**{k: result[k] for k in Outfit.model_fields})
-
-
-def _openapi_body(*schemas: tuple[str, dict[str, Any]]) -> dict[str, Any]:
-    return {"requestBody": {"required": True, "content": {ctype: {"schema": schema} for ctype, schema in schemas}}}
-
-
-_IMAGE_FORM = {"type": "object", "required": ["image"], "properties": {"image": {"type": "string", "format": "binary"}}}
-_SEARCH_FORM = {
-    "type": "object",
-    "required": ["image"],
-    "properties": {
-        "image": {"type": "string", "format": "binary"},
-        "top_k": {"type": "integer", "minimum": 1, "maximum": MAX_TOP_K, "default": 10},
-        "styles": {"type": "string", "description": "comma-separated style names"},
-        "exclude_ids": {"type": "string", "description": "comma-separated ids"},
-    },
-}
-_ITEM_FORM = {
-    "type": "object",
-    "required": ["image"],
-    "properties": {
-        "image": {"type": "string", "format": "binary"},
-        "style": {"type": "string", "enum": ["", *STYLES]},
-        "source": {"type": "string", "maxLength": MAX_SOURCE_BYTES},
-        "meta": {"type": "string", "description": "a JSON object kept with the item"},
-    },
-}
 
 
 # -- the app ----------------------------------------------------------------------------------------------------------
@@ -221,19 +205,22 @@ def create_api(backend: Backend, settings: ApiSettings) -> FastAPI:
         except Unavailable as exc:
             raise HTTPException(503, str(exc), headers={"Retry-After": RETRY_AFTER}) from None
 
+    upload_errors = (400, 413, 415, 422, 503)  # a multipart image upload, embedded by the Encoder
+
     @api.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, str]:
         """Liveness: the ingress answers."""
         return {"status": "ok"}
 
-    @api.get("/readyz", tags=["ops"])
+    @api.get("/readyz", tags=["ops"], response_model=ReadyState,
+             responses={503: {"model": ReadyState, "description": "not ready, with the reason"}})
     async def readyz() -> JSONResponse:
         """Readiness: the model is loaded and Milvus answers (503 otherwise, with the reason)."""
         state = await backend.ready()
         return JSONResponse(state, status_code=200 if state.get("ready") else 503)
 
-    @api.post("/v1/embed", response_model=EmbedResponse, tags=["embed"],
-              openapi_extra=_openapi_body(("multipart/form-data", _IMAGE_FORM)))
+    @api.post("/v1/embed", response_model=EmbedResponse, tags=["embed"], responses=error_responses(*upload_errors),
+              openapi_extra=openapi_body(("multipart/form-data", IMAGE_FORM)))
     async def embed(request: Request) -> EmbedResponse:
         """The style embedding of a photo (detect → crop the outfit → encode)."""
         form = await read_form(request, settings.max_image_bytes)
@@ -241,8 +228,11 @@ def create_api(backend: Backend, settings: ApiSettings) -> FastAPI:
         return EmbedResponse(embedding=list(result["embedding"]), dim=len(result["embedding"]),
                              model_version=result["model_version"], outfit=_outfit(result))
 
+    write_errors = (401,) if settings.api_key else ()
+
     @api.post("/v1/items", response_model=WriteResponse, status_code=201, tags=["items"],
-              openapi_extra=_openapi_body(("multipart/form-data", _ITEM_FORM)))
+              responses=error_responses(*sorted((*upload_errors, *write_errors))),
+              openapi_extra=openapi_body(("multipart/form-data", ITEM_FORM)))
     async def add_item(request: Request) -> WriteResponse:
         """Adds (or replaces) an outfit: its id is the sha256 of the image bytes; the crop is kept."""
         require_key(request)
@@ -258,7 +248,8 @@ def create_api(backend: Backend, settings: ApiSettings) -> FastAPI:
         return WriteResponse(id=image_id, model_version=result["model_version"], style=style,
                              outfit=_outfit(result))
 
-    @api.get("/v1/items/{item_id}", response_model=ItemResponse, tags=["items"])
+    @api.get("/v1/items/{item_id}", response_model=ItemResponse, tags=["items"],
+             responses=error_responses(404, 422, 503))
     async def get_item(item_id: Annotated[Sha256, PathParam()], embedding: bool = False) -> ItemResponse:
         """An indexed outfit (with its embedding when `embedding=true`)."""
         rows = await no_live(backend.get([item_id]))
@@ -270,7 +261,8 @@ def create_api(backend: Backend, settings: ApiSettings) -> FastAPI:
                             embedding=[float(v) for v in row["embedding"]] if embedding else None)
 
     @api.get("/v1/items/{item_id}/image", tags=["items"], response_class=Response,
-             responses={200: {"content": {"image/jpeg": {}}}})
+             responses={200: {"content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}},
+                              "description": "the crop"}, **error_responses(404, 422)})
     async def get_item_image(item_id: Annotated[Sha256, PathParam()]) -> Response:
         """The stored outfit crop (JPEG)."""
         data = await backend.read_image(item_id)
@@ -278,7 +270,8 @@ def create_api(backend: Backend, settings: ApiSettings) -> FastAPI:
             raise HTTPException(404, f"no image for id {item_id}")
         return Response(data, media_type="image/jpeg", headers={"cache-control": "public, max-age=86400"})
 
-    @api.delete("/v1/items/{item_id}", response_model=WriteResponse, tags=["items"])
+    @api.delete("/v1/items/{item_id}", response_model=WriteResponse, tags=["items"],
+                responses=error_responses(*sorted((*write_errors, 404, 422, 503))))
     async def delete_item(item_id: Annotated[Sha256, PathParam()], request: Request) -> WriteResponse:
         """Removes an outfit from the live collection and its crop from the media store."""
         require_key(request)
@@ -286,8 +279,9 @@ def create_api(backend: Backend, settings: ApiSettings) -> FastAPI:
             raise HTTPException(404, f"no item with id {item_id}")
         return WriteResponse(id=item_id, deleted=True)
 
-    @api.post("/v1/search", response_model=SearchResponse, tags=["search"], openapi_extra=_openapi_body(
-        ("multipart/form-data", _SEARCH_FORM), ("application/json", SearchRequest.model_json_schema())))
+    @api.post("/v1/search", response_model=SearchResponse, tags=["search"],
+              responses=error_responses(400, 404, 413, 415, 422, 503), openapi_extra=openapi_body(
+                  ("multipart/form-data", SEARCH_FORM), ("application/json", _search_schema(settings.embed_dim))))
     async def search(request: Request) -> SearchResponse:
         """Style-similar outfits for a photo (multipart), an indexed item's id or an embedding (JSON)."""
         kind = media_type(request)
@@ -317,7 +311,8 @@ def create_api(backend: Backend, settings: ApiSettings) -> FastAPI:
                               query=query)
 
     @api.post("/v1/recommend", response_model=SearchResponse, tags=["search"],
-              openapi_extra=_openapi_body(("application/json", RecommendRequest.model_json_schema())))
+              responses=error_responses(400, 404, 413, 415, 422, 503),
+              openapi_extra=openapi_body(("application/json", RecommendRequest.model_json_schema())))
     async def recommend(request: Request) -> SearchResponse:
         """Outfits near the mean of the liked ones and away from the disliked ones (rated ones excluded)."""
         req: RecommendRequest = validate(RecommendRequest, await read_json(request, MAX_JSON_BYTES))
@@ -333,7 +328,7 @@ def create_api(backend: Backend, settings: ApiSettings) -> FastAPI:
         return SearchResponse(results=[Hit(**h) for h in found["hits"]], model_version=found["model_version"],
                               query={"kind": "recommend", "liked": len(req.liked), "disliked": len(req.disliked)})
 
-    @api.get("/v1/stats", tags=["ops"])
+    @api.get("/v1/stats", tags=["ops"], responses=error_responses(503))
     async def stats() -> dict[str, Any]:
         """Model version, live collection and item count per style."""
         return await no_live(backend.stats())
@@ -342,7 +337,25 @@ def create_api(backend: Backend, settings: ApiSettings) -> FastAPI:
     async def gallery() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html")
 
+    install(api, api_key=bool(settings.api_key),
+            write_routes={("post", "/v1/items"), ("delete", "/v1/items/{item_id}")})
     return api
+
+
+def _search_schema(embed_dim: int) -> dict[str, Any]:
+    """SearchRequest's JSON schema with what the server checks beyond the model: `vector` has `embed_dim`
+    float32 numbers, not all zero (so a request the schema calls valid is one the server accepts)."""
+    schema = SearchRequest.model_json_schema()
+    number = {"type": "number", "minimum": -FLOAT32_MAX, "maximum": FLOAT32_MAX}
+    schema["properties"]["vector"] = {
+        "anyOf": [{"type": "array", "items": number, "minItems": embed_dim, "maxItems": embed_dim,
+                   "contains": {"type": "number", "not": {"const": 0}}}, {"type": "null"}],
+        "default": None, "description": f"a raw embedding ({embed_dim} numbers, not all zero)",
+    }
+    # Exactly one query: `id` or `vector` (the other absent or null), as the model validator demands.
+    schema["anyOf"] = [{"required": ["id"], "properties": {"id": {"type": "string"}, "vector": {"type": "null"}}},
+                       {"required": ["vector"], "properties": {"vector": {"type": "array"}, "id": {"type": "null"}}}]
+    return schema
 
 
 def _preference_vector(liked: list[Any], disliked: list[Any], weight: float) -> list[float]:

@@ -88,19 +88,52 @@ def _checked(result: Any) -> Any:
     return result
 
 
-async def _with_retry(call: Any, *args: Any) -> Any:
-    """`call.remote(*args)`, retried once when the replica died or is restarting (reads, and writes idempotent by
-    content id); still failing is Unavailable (a 503 with Retry-After), never a 500."""
+async def _with_retry(call: Any, *args: Any, what: str = "the index") -> Any:
+    """`call.remote(*args)`, retried once when the replica died or is restarting (reads, embeddings, and writes
+    idempotent by content id); still failing is Unavailable (a 503 with Retry-After), never a 500.
+
+    Args:
+        call: a deployment handle method.
+        *args: its arguments.
+        what: the deployment, named in the 503's message.
+    """
     from ray.exceptions import ActorUnavailableError, RayActorError
 
     for attempt in range(2):
         try:
             return await call.remote(*args)
         except (RayActorError, ActorUnavailableError) as exc:
+            # RayActorError covers ActorDiedError: the replica process is gone with the request it held.
             if attempt:
-                raise Unavailable(f"the index is restarting ({type(exc).__name__}): retry shortly") from None
+                raise Unavailable(f"{what} is restarting ({type(exc).__name__}): retry shortly") from None
             await asyncio.sleep(RETRY_AFTER_S)
     raise AssertionError("unreachable")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a bind address is reachable from this machine only (`localhost`, 127.0.0.0/8, ::1)."""
+    import ipaddress
+
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any interface
+
+
+def check_write_protection(config: Config) -> None:
+    """Refuses to expose open writes: a non-loopback `serve.host` needs an API key or `serve.allow_open_writes`.
+
+    Raises:
+        ValueError: with the fix, when anyone who can reach the port could add or delete items.
+    """
+    s = config.serve
+    if s.api_key or s.allow_open_writes or is_loopback(s.host):
+        return
+    raise ValueError(f"serve.host={s.host} is reachable from other machines and no API key is set, so anyone could "
+                     "add or delete items: set OOTD_API_KEY in the environment (or serve.api_key), or "
+                     "--set serve.allow_open_writes=true on a network that is private by other means")
 
 
 @serve.deployment
@@ -116,17 +149,18 @@ class Ingress:
         self.media = MediaStore(config.store.media)
         self.settings = ApiSettings(embed_dim=config.model.embed_dim, api_key=config.serve.api_key,
                                     max_image_bytes=config.serve.max_image_bytes,
-                                    max_image_pixels=config.data.max_image_pixels)
+                                    max_image_pixels=config.serve.max_image_pixels)
 
     def __serve_build_asgi_app__(self) -> Any:
         return create_api(self, self.settings)
 
     async def embed(self, image: bytes, want_crop: bool = False) -> dict[str, Any]:
-        result = await self.encoder.embed.remote(image, want_crop)
+        # Idempotent (the same bytes, the same vector): retried once on a replica that died under it.
+        result = await _with_retry(self.encoder.embed, image, want_crop, what="the encoder")
         if "error" in result:  # the ingress checked only the header: corrupt pixel data surfaces here
             from fastapi import HTTPException
 
-            raise HTTPException(400, result["error"])
+            raise HTTPException(int(result.get("status", 422)), result["error"])
         return result
 
     async def search(self, vector: list[float], filters: SearchFilters, model_version: str | None = None
@@ -152,7 +186,7 @@ class Ingress:
             return None
 
     async def stats(self) -> dict[str, Any]:
-        return _checked(await self.index.stats.remote())
+        return _checked(await _with_retry(self.index.stats))
 
     async def ready(self) -> dict[str, Any]:
         state: dict[str, Any] = {"ready": False}
@@ -266,8 +300,14 @@ def run_app(
         overrides: the overrides applied to it (logged).
         model_dir: the model to serve (see `make_app`).
         batch_search: see `make_app`.
+
+    Raises:
+        ValueError: a non-loopback host without an API key (see `check_write_protection`).
     """
-    log.info("deploying ootd (config %s, overrides %s)", config_source, list(overrides))
+    from ootd.config import redact_overrides
+
+    check_write_protection(config)
+    log.info("deploying ootd (config %s, overrides %s)", config_source, redact_overrides(overrides))
     serve.start(http_options={"host": config.serve.host, "port": config.serve.port})
     serve.run(make_app(config, model_dir=model_dir, batch_search=batch_search), name=APP_NAME, route_prefix="/")
     return f"http://{config.serve.host}:{config.serve.port}"

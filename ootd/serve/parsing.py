@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import sys
+import re
 from typing import Any
 
 from fastapi import HTTPException, Request
@@ -15,30 +15,44 @@ from ootd.styles import STYLES
 
 FORM_OVERHEAD = 64 << 10  # multipart boundaries and text fields beside the image
 IMAGE_TYPES = ("image/", "application/octet-stream")
+MAX_IDS = 1000  # ids in one exclude list / recommend request: keeps the Milvus filter expression bounded
 MAX_JSON_DEPTH = 32  # the request models nest 2 levels deep
 FLOAT32_MAX = 3.4028234663852886e38
+# `source` in characters: at most 4 UTF-8 bytes each, so any source this long fits the column's byte limit, and the
+# OpenAPI maxLength (characters) says exactly what is accepted.
+MAX_SOURCE_CHARS = MAX_SOURCE_BYTES // 4
+
+
+DECODE_MAX_SIDE = 2048  # long side the serve path decodes at: ample for the detector (320 px) and crops (512 px)
 
 
 def check_upload(data: bytes, max_pixels: int) -> None:
-    """Identifies uploaded bytes as an image from its header, without decoding the pixels.
+    """Identifies uploaded bytes as an image of an allowed format from its header, without decoding the pixels.
 
-    Cheap enough for the single ingress: the full decode (`ootd.decode.decode`, as ingest does it) runs once, in
-    the Encoder, and a file that is truncated past its header comes back from there as a 400 too.
+    Cheap enough for the single ingress: the full decode (`ootd.decode.decode_bounded`) runs once, in the
+    Encoder, and a file that is truncated past its header comes back from there as a 422 too. The pixel limit
+    applies to what the Encoder will decode: a large JPEG is decoded reduced (up to 8x), so it may pass.
 
     Raises:
-        HTTPException: 400 for empty bytes or a non-image, 413 for more pixels than `max_pixels`.
+        HTTPException: 422 for empty bytes or a non-image, 415 for a format outside `SERVE_FORMATS`, 413 for
+            more pixels than `max_pixels`.
     """
-    from ootd.decode import InputError, probe
+    from ootd.decode import InputError, TooManyPixels, UnsupportedFormat, decoded_size
 
     if not data:
-        raise HTTPException(400, "the image is empty (0 bytes)")
+        raise HTTPException(422, "the image is empty (0 bytes)")
     try:
-        header = probe(data, sys.maxsize)  # identify first: a pixel bomb is "too large", not "undecodable"
+        header, (width, height) = decoded_size(data, DECODE_MAX_SIDE)  # a pixel bomb is "too large", not "bad"
+    except UnsupportedFormat as exc:
+        raise HTTPException(415, f"unsupported image format: {exc}") from None
+    except TooManyPixels as exc:  # beyond what PIL even opens
+        raise HTTPException(413, f"image is too large: {exc}") from None
     except InputError as exc:
-        raise HTTPException(400, f"could not decode the upload as an image: {exc}") from None
-    if header.width * header.height > max_pixels:
-        raise HTTPException(413, f"image is {header.width}x{header.height} = {header.width * header.height:,} "
-                                 f"pixels; the limit is {max_pixels:,}")
+        raise HTTPException(422, f"could not decode the upload as an image: {exc}") from None
+    if width * height > max_pixels:
+        reduced = f" (decoded at {width}x{height})" if width != header.width else ""
+        raise HTTPException(413, f"image is {header.width}x{header.height}{reduced} = {width * height:,} "
+                                 f"pixels; the limit is {max_pixels:,} (serve.max_image_pixels)")
 
 
 def media_type(request: Request) -> str:
@@ -94,7 +108,7 @@ async def image_from(form: Any, max_image_bytes: int, max_pixels: int) -> bytes:
     """The bytes of the form's `image` file, checked for type, size and decodability.
 
     Raises:
-        HTTPException: 422 missing part, 415 non-image part type, 413 too large, 400 not an image.
+        HTTPException: 422 missing part or not an image, 415 non-image part type or format, 413 too large.
     """
     upload = form.get("image")
     if upload is None or isinstance(upload, str):
@@ -146,9 +160,22 @@ def validate(model: type[BaseModel], payload: Any) -> Any:
         raise HTTPException(422, errors) from None
 
 
-def form_list(form: Any, key: str) -> list[str] | None:
-    """A list field sent as repeated form fields and/or comma-separated values."""
-    values = [v.strip() for raw in form.getlist(key) if isinstance(raw, str) for v in raw.split(",")]
+def form_list(form: Any, key: str, pattern: str | None = None) -> list[str] | None:
+    """A list field sent as repeated form fields and/or comma-separated values.
+
+    Args:
+        form: the parsed form.
+        key: the field.
+        pattern: each raw value must match it (the field's OpenAPI pattern), else 422: what the schema calls
+            invalid is refused, not half-read.
+    """
+    raws = [raw for raw in form.getlist(key) if isinstance(raw, str)]
+    if pattern is not None:
+        for raw in raws:
+            if not re.fullmatch(pattern, raw):
+                raise HTTPException(422, f"`{key}` must be comma-separated values without spaces, matching "
+                                         f"{pattern[:80]}{'...' if len(pattern) > 80 else ''}")
+    values = [v.strip() for raw in raws for v in raw.split(",")]
     return [v for v in values if v] or None
 
 
@@ -158,8 +185,8 @@ def form_item_fields(form: Any) -> tuple[str, str, dict[str, Any]]:
     if not isinstance(style, str) or (style and style not in STYLES):
         raise HTTPException(422, f"unknown style {style!r}; known: {', '.join(STYLES)} (or leave it empty)")
     source = form.get("source") or ""
-    if not isinstance(source, str) or len(source.encode()) > MAX_SOURCE_BYTES:
-        raise HTTPException(422, f"`source` must be text of at most {MAX_SOURCE_BYTES} bytes")
+    if not isinstance(source, str) or len(source) > MAX_SOURCE_CHARS:
+        raise HTTPException(422, f"`source` must be text of at most {MAX_SOURCE_CHARS} characters")
     raw_meta = form.get("meta") or "{}"
     if not isinstance(raw_meta, str) or len(raw_meta.encode()) > MAX_META_BYTES // 2:
         # Half the field limit: the server adds the outfit box and model version beside it.

@@ -15,14 +15,16 @@ class OutfitPipeline:
 
     Every step is the one ingest and index use: `ootd.decode.decode`, the detector's outfit box, the crop
     stored as ingest stores it (JPEG, long side ≤ `data.crop_max_side`) and embedded from that JPEG, as the
-    index job embeds crops. A photo indexed by the jobs and the same photo sent here get the same vector.
+    index job embeds crops. A photo indexed by the jobs and the same photo sent here get the same vector,
+    unless it is longer than `DECODE_MAX_SIDE`: uploads are decoded reduced (`decode_bounded`), so a batch
+    of them fits a replica's memory; boxes are still reported in the photo's own pixels.
     """
 
     def __init__(self, config: Config, model_dir: str | Path, device: str = "cpu"):
         """Loads the detector and the exported encoder once.
 
         Args:
-            config: supplies `detect`, `data.crop_max_side`, `data.max_image_pixels` and `model.precision`.
+            config: supplies `detect`, `data.crop_max_side`, `serve.max_image_pixels` and `model.precision`.
             model_dir: an exported model dir.
             device: torch device of the encoder.
         """
@@ -34,7 +36,7 @@ class OutfitPipeline:
         self.model_version: str = self.encoder.version
         self.embed_dim: int = self.encoder.embed_dim
         self.max_side = config.data.crop_max_side
-        self.max_pixels = config.data.max_image_pixels
+        self.max_pixels = config.serve.max_image_pixels
         self.precision = config.model.precision
 
     def run(self, images: Sequence[bytes], want_crop: Sequence[bool] | None = None) -> list[dict[str, Any]]:
@@ -49,31 +51,45 @@ class OutfitPipeline:
             `height`, `model_version`, `crop` (JPEG bytes or None); or only `error` (a message).
         """
 
-        from ootd.decode import InputError, decode, decode_crop, encode_jpeg, to_array
+        from ootd.decode import (
+            InputError,
+            TooManyPixels,
+            UnsupportedFormat,
+            decode_bounded,
+            decode_crop,
+            encode_jpeg,
+            to_array,
+        )
         from ootd.detect.boxes import crop_image
+        from ootd.serve.parsing import DECODE_MAX_SIDE
 
         want_crop = list(want_crop) if want_crop is not None else [False] * len(images)
         results: list[dict[str, Any]] = [{} for _ in images]
         decoded, where = [], []
         for i, data in enumerate(images):
             try:
-                decoded.append(decode(data, self.max_pixels))
+                decoded.append(decode_bounded(data, self.max_pixels, DECODE_MAX_SIDE))
                 where.append(i)
             except InputError as exc:
-                results[i] = {"error": f"could not decode the upload as an image: {exc}"}
+                # The HTTP status travels with the message: the ingress checked only the header.
+                status = 413 if isinstance(exc, TooManyPixels) else 415 if isinstance(exc, UnsupportedFormat) else 422
+                results[i] = {"error": f"could not decode the upload as an image: {exc}", "status": status}
         if not decoded:
             return results
-        boxes = self.detector.outfit_boxes([to_array(image) for image in decoded])
+        boxes = self.detector.outfit_boxes([to_array(b.image) for b in decoded])
         # encode_jpeg's default quality is the one ingest writes crops with.
-        jpegs = [encode_jpeg(crop_image(image, ob.box), self.max_side)
-                 for image, ob in zip(decoded, boxes, strict=True)]
+        jpegs = [encode_jpeg(crop_image(b.image, ob.box), self.max_side)
+                 for b, ob in zip(decoded, boxes, strict=True)]
         crops = [decode_crop(data) for data in jpegs]
         vectors = self.encoder.embed(crops, batch_size=len(crops), precision=self.precision)
         for k, i in enumerate(where):
             ob, image = boxes[k], decoded[k]
+            sx, sy = image.scale  # back to the photo's own pixels when it was decoded reduced
             results[i] = {
                 "embedding": vectors[k],
-                "box": [int(v) for v in ob.box],
+                "box": [min(int(v * s), side) for v, s, side in zip(ob.box, (sx, sy, sx, sy),
+                                                                       (image.width, image.height) * 2,
+                                                                       strict=True)],
                 "det_score": float(ob.score),
                 "n_garments": int(ob.n_garments),
                 "fallback": bool(ob.fallback),
