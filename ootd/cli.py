@@ -204,6 +204,42 @@ def train_detector(
     _print_json(metrics)
 
 
+@app.command("pretrain-backbone")
+def pretrain_backbone(
+    out: Annotated[Path, typer.Option(help="Output folder for the trunk weights and metrics.")] = Path("runs/pretrain"),
+    n_train: Annotated[int, typer.Option(min=1, help="Training photos (attribute mode).")] = 16384,
+    n_eval: Annotated[int, typer.Option(min=2, help="Held-out photos (their own seed stream).")] = 1024,
+    epochs: Annotated[int, typer.Option(min=1)] = 14,
+    batch_size: Annotated[int, typer.Option(min=1, help="Global batch, split across workers.")] = 128,
+    lr: Annotated[float, typer.Option(min=0.0, help="Peak AdamW learning rate.")] = 1.5e-3,
+    seed: int = 0,
+    num_workers: Annotated[int, typer.Option(min=1, help="Ray Train (DDP) workers.")] = 2,
+    cpus_per_worker: Annotated[float, typer.Option(min=0.1, help="CPUs (torch threads) per worker.")] = 1.0,
+    bf16: Annotated[bool, typer.Option(help="bfloat16 autocast (fast on AVX512-BF16/AMX CPUs).")] = True,
+    install: Annotated[bool, typer.Option(help="Also copy the weights and metrics into ootd/assets/ (the "
+                                               "committed `tiny` backbone).")] = False,
+    address: AddressOpt = None,
+) -> None:
+    """Ray Train DDP pretraining of the tiny ViT on synthetic garment attributes (never styles)."""
+    import shutil
+
+    from ootd.model.backbones import TINY_WEIGHTS
+    from ootd.train.pretrain import METRICS_FILE, WEIGHTS_FILE, PretrainSettings
+    from ootd.train.pretrain import pretrain_backbone as run
+
+    settings = PretrainSettings(n_train=n_train, n_eval=n_eval, epochs=epochs, batch_size=batch_size, lr=lr,
+                                seed=seed, num_workers=num_workers, cpus_per_worker=cpus_per_worker, bf16=bf16)
+    _warn_if_relative(out=out)
+    _connect_ray(address)
+    with _user_errors():
+        summary = run(settings, out.expanduser())
+    if install:
+        shutil.copyfile(out.expanduser() / WEIGHTS_FILE, TINY_WEIGHTS)
+        shutil.copyfile(out.expanduser() / METRICS_FILE, TINY_WEIGHTS.parent / METRICS_FILE)
+        summary["installed"] = str(TINY_WEIGHTS)
+    _print_json(summary)
+
+
 @app.command()
 def train(
     crops: Annotated[Path, typer.Option(help="Crops table folder written by ingest (<workdir>/crops).")],
@@ -298,15 +334,25 @@ def serve(
     model_dir: Annotated[Path | None, typer.Option(help="Default: the live collection's model.")] = None,
     address: AddressOpt = None,
 ) -> None:
-    """Deploy the Serve app (ingress, autoscaled encoder, Milvus index) and keep it up until Ctrl-C."""
-    from ootd.serve.app import run_app
+    """Deploy the Serve app (ingress, autoscaled encoder, Milvus index); SIGTERM or Ctrl-C drains it and exits 0.
+
+    Secrets come from the environment (OOTD_API_KEY, OOTD_MILVUS_TOKEN) rather than --set, which `ps` shows.
+    """
+    from ootd.serve.app import check_write_protection, run_app
     from ootd.serve.client import serve_until_interrupted
 
     cfg = _config(config, overrides)
+    with _user_errors():
+        check_write_protection(cfg)  # before joining a cluster: a refusal costs nothing
     _connect_ray(address)
-    url = run_app(cfg, config_source=config, overrides=overrides or [], model_dir=model_dir)
-    typer.echo(f"serving on {url} (docs: {url}/docs); Ctrl-C stops")
-    serve_until_interrupted()
+
+    def deploy() -> None:
+        url = run_app(cfg, config_source=config, overrides=overrides or [], model_dir=model_dir)
+        typer.echo(f"serving on {url} (docs: {url}/docs); SIGTERM or Ctrl-C stops")
+
+    with _user_errors():
+        serve_until_interrupted(deploy)  # a signal while deploying drains too
+    typer.echo("stopped")
 
 
 @app.command()

@@ -1,4 +1,8 @@
-"""Deterministic synthetic street snaps with garment ground truth, for tests, the demo and benchmarks (DESIGN §7)."""
+"""Deterministic synthetic street snaps with garment ground truth, for tests, the demo and benchmarks (DESIGN §7).
+
+Style mode lives here; the attribute mode (garments drawn independently of any style, for pretraining the tiny
+backbone) is `ootd.synthetic_attributes`, which reuses this renderer through the `Wardrobe` seam.
+"""
 
 from __future__ import annotations
 
@@ -26,15 +30,17 @@ class SyntheticPhoto:
 
     Attributes:
         image: RGB image, size x size.
-        style: the style the outfit was drawn from.
+        style: the style the outfit was drawn from (None in attribute mode).
         garments: (class id into GARMENT_CLASSES, (x1, y1, x2, y2)) per visible garment; x2/y2 exclusive pixels.
         outfit_box: the exact union of the garment boxes.
+        attributes: attribute mode only: attribute name → class index (`ootd.synthetic_attributes.ATTRIBUTES`).
     """
 
     image: Image.Image
-    style: str
+    style: str | None
     garments: tuple[tuple[int, tuple[int, int, int, int]], ...]
     outfit_box: tuple[int, int, int, int]
+    attributes: dict[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -90,6 +96,62 @@ _LOOKS: dict[str, _Look] = {
                       ("checks", "solid", "solid", "denim"), 1.15, ("straight", "wide"),
                       0.0, 0.75, (0.54, 0.62)),
 }
+
+
+class Wardrobe:
+    """What the renderer asks while dressing a figure; a style answers from its look (attribute mode: see
+    `ootd.synthetic_attributes`). Each answer may draw from `rng`, in the order the renderer asks.
+
+    Attributes:
+        fit: width of tops and outers relative to a regular fit.
+    """
+
+    fit: float = 1.0
+
+    def dress(self, rng: np.random.Generator) -> bool:
+        """Whether the figure wears a dress (else a top and a bottom)."""
+        raise NotImplementedError
+
+    def bottom(self, rng: np.random.Generator) -> str:
+        """Bottom kind: slim, straight, wide, flare, shorts, skirt or long_skirt."""
+        raise NotImplementedError
+
+    def outer_hem(self, rng: np.random.Generator) -> float | None:
+        """Outer length as a fraction of figure height, or None for no outer."""
+        raise NotImplementedError
+
+    def long_sleeve(self, rng: np.random.Generator) -> bool:
+        """Whether a top (not a dress) has long sleeves."""
+        raise NotImplementedError
+
+    def fill(self, cls: int, rng: np.random.Generator) -> tuple[str, list[RGB]]:
+        """(pattern name, 3 colours) for a garment of class `cls`."""
+        raise NotImplementedError
+
+
+class _StyleWardrobe(Wardrobe):
+    """A style's look; the draws are those the renderer always made, so style-mode photos stay byte-identical."""
+
+    def __init__(self, look: _Look):
+        self.look, self.fit = look, look.fit
+
+    def dress(self, rng: np.random.Generator) -> bool:
+        return bool(rng.random() < self.look.p_dress)
+
+    def bottom(self, rng: np.random.Generator) -> str:
+        return self.look.bottoms[int(rng.integers(len(self.look.bottoms)))]
+
+    def outer_hem(self, rng: np.random.Generator) -> float | None:
+        return float(rng.uniform(*self.look.outer_hem)) if rng.random() < self.look.p_outer else None
+
+    def long_sleeve(self, rng: np.random.Generator) -> bool:
+        return bool(rng.random() < 0.6)
+
+    def fill(self, cls: int, rng: np.random.Generator) -> tuple[str, list[RGB]]:
+        kind = self.look.patterns[int(rng.integers(len(self.look.patterns)))]
+        return kind, _colors(self.look.palette, rng, 3)
+
+
 _SKIN: tuple[RGB, ...] = ((241, 206, 178), (224, 172, 130), (198, 140, 100), (141, 94, 62), (96, 62, 40))
 _HAIR: tuple[RGB, ...] = ((24, 18, 14), (70, 44, 24), (140, 100, 56), (210, 180, 120), (40, 40, 44))
 
@@ -109,8 +171,32 @@ def render_outfit(style: str, rng: np.random.Generator, size: int = 256) -> Synt
         raise ValueError(f"unknown style {style!r}; expected one of {', '.join(STYLES)}")
     if size < MIN_SIZE:
         raise ValueError(f"size must be at least {MIN_SIZE} px, got {size}")
-    look = _LOOKS[style]
-    canvas = _background(style, rng, size)
+    others = [c for name, look in _LOOKS.items() if name != style for c in look.palette]
+    return render_figure(_StyleWardrobe(_LOOKS[style]), others, rng, size, style=style)
+
+
+def render_figure(
+    wardrobe: Wardrobe,
+    background: Sequence[RGB],
+    rng: np.random.Generator,
+    size: int = 256,
+    *,
+    style: str | None = None,
+    attributes: dict[str, int] | None = None,
+) -> SyntheticPhoto:
+    """The renderer both modes share: a figure dressed by `wardrobe` over clutter painted from `background` colours.
+
+    Args:
+        wardrobe: answers what the figure wears.
+        background: colours the clutter is painted from.
+        rng: the only source of randomness.
+        size: side of the square image in pixels (at least MIN_SIZE).
+        style: recorded on the photo.
+        attributes: recorded on the photo.
+    """
+    if size < MIN_SIZE:
+        raise ValueError(f"size must be at least {MIN_SIZE} px, got {size}")
+    canvas = _background(background, rng, size)
 
     height = float(rng.uniform(0.4, 0.9)) * size
     half_width = 0.3 * height  # widest extent: flared coats, wide trousers and hands
@@ -118,7 +204,7 @@ def render_outfit(style: str, rng: np.random.Generator, size: int = 256) -> Synt
     y0 = float(rng.uniform(2, size - height - 2))
     fig = _Figure(cx, y0, height)
 
-    layers = _outfit_layers(look, fig, rng, size)
+    layers = _outfit_layers(wardrobe, fig, rng, size)
     canvas = _compose(canvas, layers)
     garments = _visible_boxes(layers)
 
@@ -128,7 +214,7 @@ def render_outfit(style: str, rng: np.random.Generator, size: int = 256) -> Synt
     pixels = np.clip(canvas.astype(np.float32) * gain + noise, 0, 255).astype(np.uint8)
     boxes = [box for _, box in garments]
     outfit = (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
-    return SyntheticPhoto(Image.fromarray(pixels, "RGB"), style, tuple(garments), outfit)
+    return SyntheticPhoto(Image.fromarray(pixels, "RGB"), style, tuple(garments), outfit, attributes)
 
 
 class _Figure:
@@ -156,9 +242,8 @@ def _colors(palette: Sequence[RGB], rng: np.random.Generator, k: int) -> list[RG
     return [_jitter(palette[order[i % len(palette)]], rng) for i in range(k)]
 
 
-def _background(style: str, rng: np.random.Generator, size: int) -> np.ndarray:
-    """A street-ish clutter of walls, signs and blobs painted only from the other styles' palettes."""
-    others = [c for name, look in _LOOKS.items() if name != style for c in look.palette]
+def _background(others: Sequence[RGB], rng: np.random.Generator, size: int) -> np.ndarray:
+    """A street-ish clutter of walls, signs and blobs painted from `others` (style mode: the other styles' palettes)."""
     pick = lambda: _jitter(others[int(rng.integers(len(others)))], rng, 20)  # noqa: E731
     img = Image.new("RGB", (size, size), pick())
     draw = ImageDraw.Draw(img)
@@ -239,7 +324,7 @@ def _mask(size: int) -> tuple[Image.Image, ImageDraw.ImageDraw]:
     return img, ImageDraw.Draw(img)
 
 
-def _outfit_layers(look: _Look, fig: _Figure, rng: np.random.Generator, size: int) -> list[tuple]:
+def _outfit_layers(wardrobe: Wardrobe, fig: _Figure, rng: np.random.Generator, size: int) -> list[tuple]:
     """The figure as (mask, fill, garment class or None) layers in painting order, body first."""
     skin, hair = _jitter(_SKIN[int(rng.integers(len(_SKIN)))], rng, 8), _HAIR[int(rng.integers(len(_HAIR)))]
     shoes = _jitter(((20, 20, 20), (240, 240, 240), (110, 70, 40))[int(rng.integers(3))], rng)
@@ -269,18 +354,18 @@ def _outfit_layers(look: _Look, fig: _Figure, rng: np.random.Generator, size: in
 
     def sleeves(draw: ImageDraw.ImageDraw, reach: float, width: float) -> None:
         for side, (hx, hy) in zip((-1, 1), hands, strict=True):
-            sx, sy = side * sw * min(look.fit, 1.25), 0.17
+            sx, sy = side * sw * min(wardrobe.fit, 1.25), 0.17
             draw.line([fig.pt(sx, sy), fig.pt(sx + (hx - sx) * reach, sy + (hy - sy) * reach)],
                       fill=255, width=fig.px(width))
 
     def garment(cls: int, paint) -> None:
         mask, draw = _mask(size)
         paint(draw)
-        kind = look.patterns[int(rng.integers(len(look.patterns)))]
-        layers.append((mask, _pattern(kind, _colors(look.palette, rng, 3), fig, rng, size), cls))
+        kind, colors = wardrobe.fill(cls, rng)
+        layers.append((mask, _pattern(kind, colors, fig, rng, size), cls))
 
-    wear_dress = rng.random() < look.p_dress
-    f = look.fit
+    wear_dress = wardrobe.dress(rng)
+    f = wardrobe.fit
     if wear_dress:
         hem, flare = float(rng.uniform(0.62, 0.9)), float(rng.uniform(0.12, 0.2))
 
@@ -291,7 +376,7 @@ def _outfit_layers(look: _Look, fig: _Figure, rng: np.random.Generator, size: in
 
         garment(DRESS, paint_dress)
     else:
-        kind = look.bottoms[int(rng.integers(len(look.bottoms)))]
+        kind = wardrobe.bottom(rng)
 
         def paint_bottom(draw: ImageDraw.ImageDraw) -> None:
             if kind in ("skirt", "long_skirt"):
@@ -307,7 +392,7 @@ def _outfit_layers(look: _Look, fig: _Figure, rng: np.random.Generator, size: in
                                        (ax + side * half, hem)]), fill=255)
 
         top_hem = 0.5 + 0.1 * max(0.0, f - 1.0)
-        long_sleeve = bool(rng.random() < 0.6)
+        long_sleeve = wardrobe.long_sleeve(rng)
 
         def paint_top(draw: ImageDraw.ImageDraw) -> None:
             draw.polygon(fig.poly([(-sw * f, 0.15), (sw * f, 0.15), (0.1 * f, top_hem), (-0.1 * f, top_hem)]),
@@ -316,8 +401,9 @@ def _outfit_layers(look: _Look, fig: _Figure, rng: np.random.Generator, size: in
 
         garment(BOTTOM, paint_bottom)
         garment(TOP, paint_top)
-    if rng.random() < look.p_outer:
-        hem = float(rng.uniform(*look.outer_hem))
+    outer_hem = wardrobe.outer_hem(rng)
+    if outer_hem is not None:
+        hem = outer_hem
         gap = float(rng.uniform(0.025, 0.045))
         flare = 0.02 + 0.08 * max(0.0, hem - 0.6)
 

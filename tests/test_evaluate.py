@@ -97,11 +97,13 @@ def _test_rows(crops: Path) -> list[dict]:
     ]
 
 
-def test_metrics_json_has_four_variants_with_valid_values(evaluated):
+def test_metrics_json_has_five_variants_with_valid_values(evaluated):
     metrics = json.loads((evaluated["out"] / "metrics.json").read_text())
     expected_rows = _test_rows(evaluated["crops"])
     assert metrics["n_images"] == len(expected_rows) == evaluated["result"]["n_images"]
-    assert set(metrics["variants"]) == {"frozen_crop", "frozen_whole", "finetuned_crop", "finetuned_whole"}
+    assert set(metrics["variants"]) == {
+        "histogram_crop", "frozen_crop", "frozen_whole", "finetuned_crop", "finetuned_whole",
+    }
     n_styles = len(metrics["styles"])
     assert sum(metrics["counts"].values()) == metrics["n_images"]
     for name, scores in metrics["variants"].items():
@@ -113,6 +115,9 @@ def test_metrics_json_has_four_variants_with_valid_values(evaluated):
         np.testing.assert_allclose(matrix, matrix.T, atol=1e-9)
     assert metrics["variants"]["frozen_crop"]["dim"] == 192  # tiny backbone width, no head
     assert metrics["variants"]["finetuned_crop"]["dim"] == 128
+    assert metrics["variants"]["histogram_crop"]["dim"] == 512 == metrics["embedding_dims"]["histogram"]
+    # Synthetic styles have their own palettes: colour alone must retrieve well above chance (1/13).
+    assert metrics["variants"]["histogram_crop"]["P@1"] > 0.2
 
 
 def test_unreadable_photo_is_left_out_of_every_variant_and_unlabelled_rows_ignored(evaluated):
@@ -127,6 +132,7 @@ def test_unreadable_photo_is_left_out_of_every_variant_and_unlabelled_rows_ignor
 def test_variants_use_the_right_model_and_image(evaluated):
     from PIL import Image
 
+    from ootd.evaluate.metrics import color_histogram
     from ootd.evaluate.run import frozen_baseline
     from ootd.model.encoder import load
 
@@ -138,6 +144,7 @@ def test_variants_use_the_right_model_and_image(evaluated):
     frozen = frozen_baseline(evaluated["model_dir"])
     variants = json.loads((evaluated["out"] / "metrics.json").read_text())["variants"]
     expected = {
+        "histogram_crop": np.stack([color_histogram(np.asarray(c), 8) for c in crops]),
         "finetuned_crop": tuned.embed(crops),
         "finetuned_whole": tuned.embed(wholes),
         "frozen_crop": frozen.embed_features(crops),
@@ -175,7 +182,9 @@ def test_report_plots_and_config_are_written(evaluated):
     assert report == evaluated["result"]["report"]
     header = "| variant | P@1 | P@5 | P@10 | mAP@10 | nDCG@10 | MRR | silhouette |"
     assert header in report and header in evaluated["result"]["table"]
-    for title in ("frozen backbone · outfit crop", "frozen backbone · whole photo", "fine-tuned · outfit crop"):
+    titles = ("colour histogram · outfit crop", "frozen backbone · outfit crop", "frozen backbone · whole photo",
+              "fine-tuned · outfit crop")  # fmt: skip
+    for title in titles:
         assert f"| {title} | " in report
     for png in ("style_matrix.png", "precision_at_k.png"):
         data = (out / png).read_bytes()
@@ -183,6 +192,58 @@ def test_report_plots_and_config_are_written(evaluated):
         assert f"]({png})" in report
     saved = load_config(out / "config.yaml")
     assert saved.train.test_fraction == 0.5 and saved.model.backbone == "tiny"
+
+
+def test_report_verdict_matches_the_scores(evaluated):
+    result = evaluated["result"]
+    tuned = result["variants"]["finetuned_crop"]["mAP@10"]
+    beaten = {name: tuned > result["variants"][name]["mAP@10"] for name in ("histogram_crop", "frozen_crop")}
+    report = result["report"]
+    assert ("does NOT beat the colour histogram" in report) == (not beaten["histogram_crop"])
+    assert ("does NOT beat the frozen backbone" in report) == (not beaten["frozen_crop"])
+    assert len(result["findings"]) == sum(not b for b in beaten.values())
+    assert all(f in result["warnings"] for f in result["findings"])  # the CLI prints warnings
+
+
+def _fake_variants(**map10: float) -> dict:
+    return {name: {"mAP@10": v, "P@10": v, "MRR": v, "style_gap": 0.1, "dim": 8} for name, v in map10.items()}
+
+
+def test_findings_say_plainly_when_fine_tuning_loses_to_a_baseline():
+    from ootd.evaluate.report import baseline_findings, markdown_report, markdown_table
+
+    # The issue #14 numbers: the random tiny backbone fine-tuned loses to a colour histogram of the same crops.
+    variants = _fake_variants(histogram_crop=0.161, frozen_crop=0.046, finetuned_crop=0.116)
+    findings = baseline_findings(variants)
+    assert len(findings) == 1
+    assert "does NOT beat the colour histogram · outfit crop baseline: mAP@10 0.116 vs 0.161" in findings[0]
+    header = {"model_version": "v1", "model_dir": "/m", "split": "test", "val_fraction": 0.1, "test_fraction": 0.1,
+              "n_images": 3, "counts": {"Chic": 3}, "baseline_backbone": "tiny",
+              "embedding_dims": {"histogram": 512, "frozen": 192, "finetuned": 128}, "warnings": [],
+              "skipped": {"count": 0}, "findings": findings}  # fmt: skip
+    files = {"style_matrix": "/x/style_matrix.png", "precision_at_k": "/x/precision_at_k.png"}
+    report = markdown_report(markdown_table(variants), variants, header, files)
+    assert "## Verdict: fine-tuning does not beat its baselines" in report and findings[0] in report
+
+    assert len(baseline_findings(_fake_variants(histogram_crop=0.2, frozen_crop=0.3, finetuned_crop=0.25))) == 1
+    assert len(baseline_findings(_fake_variants(histogram_crop=0.3, frozen_crop=0.3, finetuned_crop=0.3))) == 2
+    winning = _fake_variants(histogram_crop=0.161, frozen_crop=0.2, finetuned_crop=0.5)
+    assert baseline_findings(winning) == []
+    report = markdown_report(markdown_table(winning), winning, {**header, "findings": []}, files)
+    assert "beats both baselines on mAP@10 (colour histogram · outfit crop +0.339" in report
+
+
+def test_color_histogram_values():
+    from ootd.evaluate.metrics import color_histogram
+
+    pixels = np.zeros((2, 3, 3), dtype=np.uint8)
+    pixels[0] = (255, 0, 0)  # 3 red pixels, 3 black
+    hist = color_histogram(pixels)
+    assert hist.shape == (512,) and hist.sum() == pytest.approx(1.0)
+    assert hist[0] == pytest.approx(0.5) and hist[7 * 64] == pytest.approx(0.5)
+    assert color_histogram(np.zeros((0, 4, 3), dtype=np.uint8)).sum() == 0
+    with pytest.raises(ValueError, match="RGB"):
+        color_histogram(np.zeros((4, 4)))
 
 
 def test_split_too_small_says_so(evaluated, tmp_path):

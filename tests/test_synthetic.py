@@ -202,3 +202,86 @@ def test_existing_set_is_kept_unless_overwrite(tmp_path):
     assert sorted(p.name for p in (out / "images" / "Minimal").iterdir()) == ["minimal_00000.jpg", "minimal_00001.jpg"]
     assert len(list((out / "yolo" / "labels").rglob("*.txt"))) == 2  # stale labels of the bigger set are gone
     assert keep.read_text() == "mine"
+
+
+# -- attribute mode (pretraining data: garments independent of any style) -----------------------------------------
+
+
+def _attribute_photo(*seed: int, size: int = SIZE):
+    from ootd.synthetic_attributes import render_attribute_outfit
+
+    return render_attribute_outfit(np.random.default_rng(list(seed)), size)
+
+
+def test_attribute_mode_is_deterministic_per_seed():
+    a, b, other = _attribute_photo(5, 1), _attribute_photo(5, 1), _attribute_photo(5, 2)
+    assert a.image.tobytes() == b.image.tobytes()
+    assert a.attributes == b.attributes and a.garments == b.garments and a.outfit_box == b.outfit_box
+    assert a.image.tobytes() != other.image.tobytes()
+
+
+def test_attribute_labels_are_valid_and_match_the_drawn_garments():
+    from ootd.synthetic_attributes import ATTRIBUTES, attribute_names
+
+    top, bottom, outer, dress = (GARMENT_CLASSES.index(n) for n in ("top", "bottom", "outer", "dress"))
+    seen: dict[str, set[int]] = {name: set() for name in ATTRIBUTES}
+    for i in range(40):
+        photo = _attribute_photo(9, i)
+        assert photo.style is None and set(photo.attributes) == set(ATTRIBUTES)
+        for name, index in photo.attributes.items():
+            assert 0 <= index < len(ATTRIBUTES[name])
+            seen[name].add(index)
+        names = attribute_names(photo.attributes)
+        classes = {cls for cls, _ in photo.garments}
+        if names["dress"] == "yes":
+            assert top not in classes and bottom not in classes and dress in classes
+            assert names["bottom"] == names["bottom_color"] == names["bottom_pattern"] == "none"
+        else:
+            assert dress not in classes and top in classes and names["bottom"] != "none"
+        if names["outer"] == "none":
+            assert outer not in classes and names["outer_color"] == names["outer_pattern"] == "none"
+        assert photo.outfit_box == tuple(_union([box for _, box in photo.garments]))
+    assert all(len(values) > 1 for values in seen.values())
+
+
+def test_attribute_mode_never_consults_a_style(monkeypatch):
+    import ootd.synthetic
+
+    expected = _attribute_photo(3, 3)
+
+    class NoStyles(dict):
+        def __getitem__(self, key):
+            raise AssertionError(f"attribute mode looked up style {key!r}")
+
+        def items(self):
+            raise AssertionError("attribute mode read the style palettes")
+
+    monkeypatch.setattr(ootd.synthetic, "_LOOKS", NoStyles())
+    again = _attribute_photo(3, 3)
+    assert again.image.tobytes() == expected.image.tobytes() and again.attributes == expected.attributes
+
+
+def test_sampled_attributes_are_uniform_and_mutually_independent():
+    from ootd.synthetic_attributes import ATTRIBUTES, sample_attributes
+
+    rng = np.random.default_rng(0)
+    draws = [sample_attributes(rng) for _ in range(4000)]
+
+    def cramers_v(a: str, b: str, rows: list[dict]) -> float:
+        table = np.zeros((len(ATTRIBUTES[a]), len(ATTRIBUTES[b])))
+        for row in rows:
+            table[row[a], row[b]] += 1
+        table = table[table.sum(axis=1) > 0][:, table.sum(axis=0) > 0]
+        expected = table.sum(axis=1, keepdims=True) * table.sum(axis=0, keepdims=True) / table.sum()
+        chi2 = ((table - expected) ** 2 / expected).sum()
+        return float(np.sqrt(chi2 / (table.sum() * (min(table.shape) - 1))))
+
+    upper = [d["upper_color"] for d in draws]
+    counts = np.bincount(upper, minlength=len(ATTRIBUTES["upper_color"]))
+    assert counts.min() > 0.7 * counts.mean()  # every colour family about equally often
+    assert cramers_v("upper_color", "upper_pattern", draws) < 0.12
+    assert cramers_v("upper_color", "outer", draws) < 0.12
+    worn = [d for d in draws if d["bottom"] != 0]
+    assert cramers_v("upper_color", "bottom_color", worn) < 0.12
+    assert cramers_v("bottom", "bottom_pattern", worn) < 0.12
+    assert cramers_v("fit", "upper_pattern", draws) < 0.12

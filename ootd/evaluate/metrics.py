@@ -200,3 +200,29 @@ def matrix_summary(matrix: np.ndarray) -> dict[str, float]:
     diag_mean = float(np.nanmean(diag)) if np.isfinite(diag).any() else float("nan")
     off_mean = float(np.nanmean(off)) if np.isfinite(off).any() else float("nan")
     return {"same_style_cos": diag_mean, "cross_style_cos": off_mean, "style_gap": diag_mean - off_mean}
+
+
+def color_histogram(pixels: np.ndarray, bins: int = 8) -> np.ndarray:
+    """Joint RGB histogram of an image, L1-normalised: the no-learning baseline every learned model must beat.
+
+    Args:
+        pixels: (H, W, 3) uint8 RGB array (e.g. `np.asarray(pil_image.convert("RGB"))`).
+        bins: bins per channel; the result has bins**3 entries (8 → 512).
+
+    Returns:
+        float64 (bins**3,) summing to 1 (all zeros for an empty image). Cosine similarity of two such vectors
+        compares colour distributions, so retrieval with them needs nothing but the pixels.
+
+    Raises:
+        ValueError: for a non-RGB array or bins outside 1..256.
+    """
+    x = np.asarray(pixels)
+    if x.ndim != 3 or x.shape[2] != 3:
+        raise ValueError(f"pixels must be (height, width, 3) RGB, got shape {x.shape}")
+    if not 1 <= bins <= 256:
+        raise ValueError(f"bins must be in 1..256, got {bins}")
+    q = (x.reshape(-1, 3).astype(np.int64) * bins) // 256  # uniform bins over 0..255 per channel
+    codes = (q[:, 0] * bins + q[:, 1]) * bins + q[:, 2]
+    counts = np.bincount(codes, minlength=bins**3).astype(np.float64)
+    total = counts.sum()
+    return counts / total if total > 0 else counts

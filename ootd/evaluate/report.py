@@ -8,12 +8,15 @@ from typing import Any
 import numpy as np
 
 VARIANT_TITLES = {
+    "histogram_crop": "colour histogram · outfit crop",
     "frozen_crop": "frozen backbone · outfit crop",
     "frozen_whole": "frozen backbone · whole photo",
     "finetuned_crop": "fine-tuned · outfit crop",
     "finetuned_whole": "fine-tuned · whole photo",
 }
 TABLE_COLUMNS = ("P@1", "P@5", "P@10", "mAP@10", "nDCG@10", "MRR", "silhouette")
+# The learned model and what it must beat (DESIGN §8), compared on this metric.
+TUNED, BASELINES, HEADLINE = "finetuned_crop", ("histogram_crop", "frozen_crop"), "mAP@10"
 
 
 def markdown_table(variants: dict[str, dict[str, Any]]) -> str:
@@ -23,6 +26,31 @@ def markdown_table(variants: dict[str, dict[str, Any]]) -> str:
         cells = [_fmt(scores.get(column)) for column in TABLE_COLUMNS]
         lines.append(f"| {VARIANT_TITLES.get(name, name)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def baseline_findings(variants: dict[str, dict[str, Any]]) -> list[str]:
+    """One plain sentence per baseline that the fine-tuned crop embedding fails to beat on mAP@10 (ties fail too).
+
+    Args:
+        variants: metrics per variant name (as `ootd.evaluate.run` scores them).
+
+    Returns:
+        Empty when fine-tuning beats every baseline present (or no fine-tuned variant was scored).
+    """
+    tuned = variants.get(TUNED, {}).get(HEADLINE)
+    if tuned is None:
+        return []
+    findings = []
+    for name in BASELINES:
+        base = variants.get(name, {}).get(HEADLINE)
+        if base is not None and not tuned > base:
+            findings.append(
+                f"The fine-tuned model does NOT beat the {VARIANT_TITLES[name]} baseline: {HEADLINE} "
+                f"{_fmt(tuned)} vs {_fmt(base)} (P@10 {_fmt(variants[TUNED].get('P@10'))} vs "
+                f"{_fmt(variants[name].get('P@10'))}). This recipe's embedding is a finding, not a result: "
+                "it should not be indexed in place of the baseline."
+            )
+    return findings
 
 
 def markdown_report(table: str, variants: dict[str, dict[str, Any]], header: dict[str, Any], files: dict) -> str:
@@ -35,13 +63,23 @@ def markdown_report(table: str, variants: dict[str, dict[str, Any]], header: dic
         f" {header['n_images']} labelled images in {len(counts)} styles"
         f" ({', '.join(f'{s} {n}' for s, n in counts.items())}).",
         f"Image-to-image retrieval, every image queries all others; relevant = same style, the query itself excluded."
-        f" Frozen = pooled features of `{header['baseline_backbone']}` ({header['embedding_dims']['frozen']}-d);"
-        f" fine-tuned = the model's {header['embedding_dims']['finetuned']}-d embedding.",
+        f" Colour histogram = {header['embedding_dims'].get('histogram', 512)}-d RGB histogram of the crop, cosine,"
+        f" no learning; frozen = pooled features of `{header['baseline_backbone']}`"
+        f" ({header['embedding_dims']['frozen']}-d); fine-tuned = the model's"
+        f" {header['embedding_dims']['finetuned']}-d embedding.",
         "",
         table,
         "",
     ]
+    findings = header.get("findings") or []
+    if findings:
+        lines += ["## Verdict: fine-tuning does not beat its baselines", ""] + [f"- **{f}**" for f in findings] + [""]
+    elif TUNED in variants and all(b in variants for b in BASELINES):
+        tuned = variants[TUNED].get(HEADLINE)
+        margins = ", ".join(f"{VARIANT_TITLES[b]} {_signed(tuned, variants[b].get(HEADLINE))}" for b in BASELINES)
+        lines += ["## Verdict", "", f"- The fine-tuned model beats both baselines on {HEADLINE} ({margins}).", ""]
     for label, before, after in (
+        ("learning at all (fine-tuned vs colour histogram, outfit crop)", "histogram_crop", "finetuned_crop"),
         ("fine-tuning (outfit crop)", "frozen_crop", "finetuned_crop"),
         ("cropping (fine-tuned)", "finetuned_whole", "finetuned_crop"),
     ):
@@ -71,9 +109,9 @@ def markdown_report(table: str, variants: dict[str, dict[str, Any]], header: dic
 
 
 def plot_style_matrices(variants: dict[str, dict[str, Any]], classes: list[str], header: dict, path: Path) -> Path:
-    """Frozen-crop and fine-tuned-crop style matrices side by side, each on its own colour scale."""
+    """Histogram, frozen and fine-tuned crop style matrices side by side, each on its own colour scale."""
     plt = _pyplot()
-    shown = [name for name in ("frozen_crop", "finetuned_crop") if name in variants]
+    shown = [name for name in ("histogram_crop", "frozen_crop", "finetuned_crop") if name in variants]
     size = max(5.0, 0.45 * len(classes) + 2.5)
     fig, axes = plt.subplots(1, len(shown), figsize=(size * len(shown) + 1.0, size), squeeze=False)
     for ax, name in zip(axes[0], shown, strict=True):
@@ -122,6 +160,7 @@ def plot_precision(variants: dict[str, dict[str, Any]], header: dict, path: Path
     names = list(variants)
     width = 0.8 / max(1, len(names))
     colors = {
+        "histogram_crop": "#bdbdbd",
         "frozen_crop": "#9ecae1",
         "frozen_whole": "#c6dbef",
         "finetuned_crop": "#08519c",

@@ -1,4 +1,4 @@
-"""open_clip backbones by name (hf-hub:, local-dir:, tiny) and the vision-trunk seams used for freezing and caching."""
+"""open_clip backbones by name (hf-hub:, local-dir:, tiny, tiny-random) and the vision-trunk seams for freezing."""
 
 from __future__ import annotations
 
@@ -13,7 +13,13 @@ if TYPE_CHECKING:
 
 HF_HUB_PREFIX = "hf-hub:"
 LOCAL_DIR_PREFIX = "local-dir:"
-TINY = "tiny"
+TINY = "tiny"  # the tiny ViT with the committed attribute-pretrained trunk (DESIGN §5)
+TINY_RANDOM = "tiny-random"  # the same architecture, randomly initialised (tests that need untrained weights)
+TINY_NAMES = (TINY, TINY_RANDOM)
+# Trunk weights `ootd pretrain-backbone` wrote (ootd/assets/README.md says how); `tiny` loads them.
+TINY_WEIGHTS = Path(__file__).resolve().parents[1] / "assets" / "tiny-backbone.safetensors"
+# Everything about `tiny` is drawn from this seed, so any process builds the identical model.
+TINY_INIT_SEED = 0
 # The name `tiny` is registered under in open_clip's model registry, and the timm trunk it is built on.
 TINY_OPEN_CLIP_NAME = "ootd-tiny-vit"
 TINY_TIMM_NAME = "ootd_tiny_vit_64"
@@ -79,7 +85,7 @@ def ootd_tiny_vit_64(pretrained: bool = False, **kwargs: Any) -> torch.nn.Module
     """timm entrypoint of the tiny trunk: ViT, 64 px, patch 8, width 192, depth 4, 3 heads, MAP pooling.
 
     Args:
-        pretrained: must be False (there are no published weights).
+        pretrained: must be False: ootd loads the pretrained trunk itself (`create_open_clip("tiny")`).
         **kwargs: timm `VisionTransformer` arguments overriding the defaults (open_clip passes num_classes,
             global_pool).
 
@@ -89,7 +95,8 @@ def ootd_tiny_vit_64(pretrained: bool = False, **kwargs: Any) -> torch.nn.Module
     from timm.models.vision_transformer import VisionTransformer
 
     if pretrained:
-        raise ModelNotAvailable(f"{TINY_TIMM_NAME} has no pretrained weights; it is a random test backbone")
+        raise ModelNotAvailable(f"{TINY_TIMM_NAME} has no timm-hosted weights; use backbone 'tiny', which loads "
+                                f"{TINY_WEIGHTS}")
     for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
         kwargs.pop(key, None)
     return VisionTransformer(**{**_TINY_VIT_ARGS, **kwargs})
@@ -113,7 +120,7 @@ def create_open_clip(backbone: str, allow_download: bool = False) -> tuple[torch
     """Builds the full open_clip model for a backbone name, never touching the network unless allowed.
 
     Args:
-        backbone: `hf-hub:ORG/REPO`, `local-dir:PATH` or `tiny`.
+        backbone: `hf-hub:ORG/REPO`, `local-dir:PATH`, `tiny` (pretrained asset) or `tiny-random`.
         allow_download: let open_clip fetch hf-hub weights that are not in the local Hugging Face cache.
 
     Returns:
@@ -127,9 +134,8 @@ def create_open_clip(backbone: str, allow_download: bool = False) -> tuple[torch
     import open_clip
 
     register_tiny()  # cheap, and needed by any exported tiny dir whose config names the custom timm trunk
-    if backbone == TINY:
-        model = open_clip.create_model(TINY_OPEN_CLIP_NAME, force_preprocess_cfg=dict(TINY_PREPROCESS_CFG))
-        return model, copy.deepcopy(TINY_MODEL_CFG)
+    if backbone in TINY_NAMES:
+        return create_tiny(pretrained=backbone == TINY), copy.deepcopy(TINY_MODEL_CFG)
     if backbone.startswith(LOCAL_DIR_PREFIX):
         folder = check_local_dir(backbone[len(LOCAL_DIR_PREFIX):])
         return open_clip.create_model(f"{LOCAL_DIR_PREFIX}{folder}"), _read_model_cfg(folder)
@@ -146,8 +152,40 @@ def create_open_clip(backbone: str, allow_download: bool = False) -> tuple[torch
         return open_clip.create_model(f"{LOCAL_DIR_PREFIX}{snapshot}"), _read_model_cfg(snapshot)
     raise ValueError(
         f"unknown backbone {backbone!r}: use 'hf-hub:ORG/REPO' (e.g. hf-hub:Marqo/marqo-fashionSigLIP), "
-        f"'local-dir:PATH' (a folder with open_clip_config.json and open_clip_model.safetensors) or 'tiny'"
+        f"'local-dir:PATH' (a folder with open_clip_config.json and open_clip_model.safetensors), 'tiny' or "
+        f"'tiny-random'"
     )
+
+
+def create_tiny(pretrained: bool = True) -> torch.nn.Module:
+    """The tiny open_clip model, identical in every process: seeded init, then the pretrained trunk if asked.
+
+    Args:
+        pretrained: load `TINY_WEIGHTS` into the vision tower (`tiny`); False keeps the seeded random init.
+
+    Raises:
+        ModelNotAvailable: the pretrained asset is missing (the message says how to rebuild it).
+    """
+    import open_clip
+    import torch
+
+    register_tiny()
+    if pretrained and not TINY_WEIGHTS.is_file():
+        raise ModelNotAvailable(
+            f"the pretrained tiny backbone {TINY_WEIGHTS} is missing (a checkout without ootd/assets?). Rebuild it "
+            "with `ootd pretrain-backbone` (ootd/assets/README.md has the exact command), or pass "
+            "`--set model.backbone=tiny-random` for the untrained architecture"
+        )
+    # fork_rng: the caller's RNG stream (e.g. a head initialised next) stays exactly as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_INIT_SEED)
+        model = open_clip.create_model(TINY_OPEN_CLIP_NAME, force_preprocess_cfg=dict(TINY_PREPROCESS_CFG))
+    if pretrained:
+        from safetensors.torch import load_file
+
+        # strict: a trunk of another shape (an asset from a different architecture) must fail loudly.
+        model.visual.load_state_dict(load_file(str(TINY_WEIGHTS)), strict=True)
+    return model
 
 
 def locate_weights(backbone: str) -> str:
@@ -158,7 +196,11 @@ def locate_weights(backbone: str) -> str:
         ValueError: an unknown backbone name.
     """
     if backbone == TINY:
-        return "built in (offline test model, not fashion-aware)"
+        if not TINY_WEIGHTS.is_file():
+            raise ModelNotAvailable(f"{TINY_WEIGHTS} missing; rebuild it with `ootd pretrain-backbone`")
+        return f"{TINY_WEIGHTS} (offline model pretrained on synthetic garment attributes, not fashion-aware)"
+    if backbone == TINY_RANDOM:
+        return "built in (random init, offline test model)"
     if backbone.startswith(LOCAL_DIR_PREFIX):
         return str(check_local_dir(backbone[len(LOCAL_DIR_PREFIX):]))
     if backbone.startswith(HF_HUB_PREFIX):
@@ -167,7 +209,7 @@ def locate_weights(backbone: str) -> str:
         if snapshot is None:
             raise ModelNotAvailable(_missing_hub_message(repo_id))
         return f"in the local Hugging Face cache ({snapshot})"
-    raise ValueError(f"unknown backbone {backbone!r}: use hf-hub:ORG/REPO, local-dir:PATH or tiny")
+    raise ValueError(f"unknown backbone {backbone!r}: use hf-hub:ORG/REPO, local-dir:PATH, tiny or tiny-random")
 
 
 def _read_model_cfg(folder: Path) -> dict[str, Any]:

@@ -1,0 +1,356 @@
+"""Attribute pretraining of the tiny backbone (DESIGN §5): synthetic garments, multi-attribute heads, Ray Train DDP.
+
+The trunk learns garment class, colour family, pattern and silhouette from `ootd.synthetic_attributes` photos,
+which never involve a style, so the later style fine-tuning starts from features that know garments but not
+the style taxonomy (the regime Marqo-FashionSigLIP, pretrained on product attributes, puts production in).
+Every photo is rendered from a seed derived from (seed, stream, index), so the data does not depend on the number
+of workers, and the held-out photos come from their own stream.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import resource
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+TRAIN_STREAM, EVAL_STREAM = 0, 1
+WEIGHTS_FILE = "tiny-backbone.safetensors"
+METRICS_FILE = "tiny-backbone.metrics.json"
+HISTORY_FILE = "history.json"
+
+
+@dataclass(frozen=True)
+class PretrainSettings:
+    """One pretraining run (pickled to every Ray Train worker as it is).
+
+    Attributes:
+        n_train: training photos (rendered once, split across workers by index).
+        n_eval: held-out photos from a separate seed stream, scored after every epoch.
+        epochs: passes over the training photos (random horizontal flips differ per pass).
+        batch_size: global batch (divided across workers).
+        lr: peak AdamW learning rate (linear warm-up over `warmup_fraction` of the steps, then cosine to 0).
+        weight_decay: AdamW decay on matrices (norms, biases and embeddings are not decayed).
+        warmup_fraction: share of all steps spent warming up.
+        render_size: side of the rendered photo before the outfit crop.
+        max_pad: the crop box grows by up to this fraction per side, as a detector's padded, imperfect box does.
+        seed: the data and init seed.
+        num_workers: Ray Train (DDP) workers.
+        cpus_per_worker: CPUs each worker reserves; torch uses as many threads.
+        bf16: autocast the forward pass to bfloat16 (much faster on CPUs with AVX512-BF16/AMX).
+    """
+
+    n_train: int = 16384
+    n_eval: int = 1024
+    epochs: int = 14
+    batch_size: int = 128
+    lr: float = 1.5e-3
+    weight_decay: float = 0.05
+    warmup_fraction: float = 0.05
+    render_size: int = 160
+    max_pad: float = 0.12
+    seed: int = 0
+    num_workers: int = 2
+    cpus_per_worker: float = 1.0
+    bf16: bool = True
+
+
+def attribute_sizes() -> dict[str, int]:
+    """Attribute name → number of classes: one classification head each."""
+    from ootd.synthetic_attributes import ATTRIBUTES
+
+    return {name: len(classes) for name, classes in ATTRIBUTES.items()}
+
+
+def majority_baseline(settings: PretrainSettings) -> dict[str, float]:
+    """Held-out accuracy of always guessing each attribute's most frequent class: what the heads must beat.
+
+    Cheap: a photo's labels are the first draws of its generator, so no photo is rendered.
+    """
+    from ootd.synthetic_attributes import sample_attributes
+
+    rows = [sample_attributes(np.random.default_rng([settings.seed, EVAL_STREAM, i])) for i in range(settings.n_eval)]
+    return {name: float(np.bincount([r[name] for r in rows]).max() / len(rows)) for name in attribute_sizes()}
+
+
+def render_example(stream: int, index: int, settings: PretrainSettings, transform: Any) -> tuple[Any, np.ndarray]:
+    """One attribute-mode photo as the encoder sees a crop: JPEG round trip, padded outfit box, the tiny preprocess.
+
+    Args:
+        stream: TRAIN_STREAM or EVAL_STREAM.
+        index: photo index within the stream.
+        settings: the run (seed, render size, crop padding).
+        transform: the backbone's eval transform (`ootd.model.backbones.eval_transform`).
+
+    Returns:
+        (float tensor (3, S, S), int64 labels in `attribute_sizes()` order).
+    """
+    from PIL import Image
+
+    from ootd.detect.boxes import pad_to_square
+    from ootd.synthetic_attributes import ATTRIBUTES, render_attribute_outfit
+
+    rng = np.random.default_rng([settings.seed, stream, index])
+    photo = render_attribute_outfit(rng, settings.render_size)
+    buf = io.BytesIO()  # photos arrive as JPEGs: train on their artefacts too
+    photo.image.save(buf, format="JPEG", quality=int(rng.integers(70, 96)))
+    image = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    x1, y1, x2, y2 = photo.outfit_box
+    pads = rng.uniform(0.0, settings.max_pad, 4) * np.array([x2 - x1, y2 - y1, x2 - x1, y2 - y1])
+    size = settings.render_size
+    box = (max(0, int(x1 - pads[0])), max(0, int(y1 - pads[1])), min(size, int(x2 + pads[2] + 1)),
+           min(size, int(y2 + pads[3] + 1)))  # fmt: skip
+    pixels = transform(pad_to_square(image.crop(box)))
+    labels = np.array([photo.attributes[name] for name in ATTRIBUTES], dtype=np.int64)
+    return pixels, labels
+
+
+def render_set(
+    stream: int, indices: range | list[int], settings: PretrainSettings
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Renders photos `indices` of a stream: (pixels (N, 3, S, S) float32, labels (N, attributes) int64)."""
+    from ootd.model import backbones
+
+    transform = backbones.eval_transform(_tiny_preprocess())
+    pixels, labels = [], []
+    for index in indices:
+        x, y = render_example(stream, index, settings, transform)
+        pixels.append(x)
+        labels.append(y)
+    if not pixels:
+        raise ValueError(f"no photos to render in stream {stream} (n_train/n_eval too small for the workers)")
+    return torch.stack(pixels), torch.from_numpy(np.stack(labels))
+
+
+def _tiny_preprocess() -> dict[str, Any]:
+    from ootd.model import backbones
+
+    cfg = dict(backbones.TINY_PREPROCESS_CFG)
+    cfg["size"] = [cfg["size"], cfg["size"]] if isinstance(cfg["size"], int) else list(cfg["size"])
+    return cfg
+
+
+class AttributeNet(torch.nn.Module):
+    """The tiny vision tower plus one linear head per attribute on its pooled 192-d feature.
+
+    Args:
+        seed: seeds the heads (the tower's init is `tiny-random`'s, seeded by `ootd.model.backbones`).
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        from ootd.model.backbones import create_tiny, feature_dim_of
+
+        super().__init__()
+        self.visual = create_tiny(pretrained=False).visual
+        dim = feature_dim_of(self.visual)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.heads = torch.nn.ModuleDict({name: torch.nn.Linear(dim, n) for name, n in attribute_sizes().items()})
+
+    def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Logits per attribute name."""
+        features = self.visual(pixels)
+        return {name: head(features) for name, head in self.heads.items()}
+
+
+def attribute_loss(logits: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    """Sum over attributes of the cross-entropy of each head (labels columns in `attribute_sizes()` order)."""
+    import torch.nn.functional as F
+
+    return sum(F.cross_entropy(out.float(), labels[:, i]) for i, out in enumerate(logits.values()))
+
+
+def _optimizer(model: torch.nn.Module, settings: PretrainSettings) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.ndim >= 2 and p.shape[0] > 1]
+    keep = [p for p in model.parameters() if not (p.ndim >= 2 and p.shape[0] > 1)]  # norms, biases, pos/latent
+    groups = [{"params": decay, "weight_decay": settings.weight_decay}, {"params": keep, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, 0.999))
+
+
+def lr_at(step: int, total: int, settings: PretrainSettings) -> float:
+    """Linear warm-up then cosine decay to zero."""
+    warmup = max(1, int(settings.warmup_fraction * total))
+    if step < warmup:
+        return settings.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return settings.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def evaluate_attributes(model: torch.nn.Module, pixels: torch.Tensor, labels: torch.Tensor, bf16: bool,
+                        batch: int = 256) -> np.ndarray:  # fmt: skip
+    """Correct predictions per attribute (int counts, `attribute_sizes()` order) on the given photos."""
+    correct = np.zeros(labels.shape[1], dtype=np.int64)
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        for start in range(0, len(pixels), batch):
+            logits = model(pixels[start:start + batch])
+            for i, out in enumerate(logits.values()):
+                correct[i] += int((out.argmax(dim=1) == labels[start:start + batch, i]).sum())
+    model.train(was_training)
+    return correct
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker: renders its shard, trains the DDP-wrapped net, reports per-epoch held-out accuracy.
+
+    Rank 0 reports the final trunk weights as the run's checkpoint; every rank reports every epoch (Ray Train's
+    barrier). Works with a world of 1.
+    """
+    import ray.train
+    import ray.train.torch
+
+    settings: PretrainSettings = config["settings"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(settings.cpus_per_worker)))
+    started = time.perf_counter()
+    train_x, train_y = render_set(TRAIN_STREAM, range(rank, settings.n_train, world), settings)
+    eval_x, eval_y = render_set(EVAL_STREAM, range(rank, settings.n_eval, world), settings)
+    render_s = time.perf_counter() - started
+
+    net = AttributeNet(settings.seed)
+    model = ray.train.torch.prepare_model(net)  # DDP when world > 1; broadcasts rank 0's (identical) init
+    optimizer = _optimizer(model, settings)
+    local_batch = max(1, settings.batch_size // world)
+    # Every rank must take the same number of steps or DDP's all-reduce would wait forever.
+    steps_per_epoch = max(1, (settings.n_train // world) // local_batch)
+    total = steps_per_epoch * settings.epochs
+    gen = torch.Generator().manual_seed(settings.seed * 1000 + rank)
+    step, history = 0, []
+    for epoch in range(settings.epochs):
+        epoch_start, losses = time.perf_counter(), []
+        order = torch.randperm(len(train_x), generator=gen)
+        model.train()
+        for i in range(steps_per_epoch):
+            idx = order[(i * local_batch) % len(order):][:local_batch]
+            x, y = train_x[idx], train_y[idx]
+            flip = torch.rand(len(x), generator=gen) < 0.5  # attributes are left-right symmetric
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, total, settings)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
+                loss = attribute_loss(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            losses.append(loss.detach().item())
+            step += 1
+        correct = evaluate_attributes(net, eval_x, eval_y, settings.bf16)
+        cpu = resource.getrusage(resource.RUSAGE_SELF)
+        counts = np.array([*correct, cpu.ru_utime + cpu.ru_stime, len(eval_x), sum(losses), len(losses)])
+        counts = _all_reduce_sum(counts.astype(np.float64), world)
+        n_eval = counts[-3]
+        accuracy = {name: float(c / n_eval) for name, c in zip(attribute_sizes(), counts[:-4], strict=True)}
+        metrics = {
+            "epoch": epoch + 1, "steps": step, "train_loss": float(counts[-2] / counts[-1]),
+            "eval_accuracy": accuracy, "eval_mean_accuracy": float(np.mean(list(accuracy.values()))),
+            "epoch_seconds": time.perf_counter() - epoch_start, "render_seconds": render_s,
+            # CPU time of all workers so far: what the run costs regardless of other load on the machine.
+            "worker_cpu_seconds": float(counts[-4]),
+        }  # fmt: skip
+        keys = ("epoch", "train_loss", "eval_mean_accuracy", "epoch_seconds", "worker_cpu_seconds")
+        history.append({k: metrics[k] for k in keys})
+        log.info("pretrain epoch %d: loss %.3f, mean attribute accuracy %.3f", epoch + 1, metrics["train_loss"],
+                 metrics["eval_mean_accuracy"])  # fmt: skip
+        if epoch + 1 == settings.epochs and rank == 0:
+            _report_trunk(metrics, net.visual, history)
+        else:
+            ray.train.report(metrics, checkpoint=None)
+
+
+def _all_reduce_sum(values: np.ndarray, world: int) -> np.ndarray:
+    if world == 1:
+        return values
+    import torch.distributed as dist
+
+    tensor = torch.from_numpy(values.copy())
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.numpy()
+
+
+def _report_trunk(metrics: dict[str, Any], visual: torch.nn.Module, history: list[dict]) -> None:
+    import ray.train
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        state = {k: v.detach().cpu().contiguous().clone() for k, v in visual.state_dict().items()}
+        save_file(state, str(Path(tmp) / WEIGHTS_FILE), metadata={"format": "ootd-tiny-trunk-v1"})
+        (Path(tmp) / HISTORY_FILE).write_text(json.dumps(history))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def pretrain_backbone(settings: PretrainSettings, out_dir: str | Path, *, storage_path: str | Path | None = None,
+                      run_name: str | None = None) -> dict[str, Any]:  # fmt: skip
+    """Runs attribute pretraining in a Ray Train TorchTrainer and writes the trunk and its metrics to `out_dir`.
+
+    Needs a connected Ray cluster (`ray.init` is the caller's job).
+
+    Args:
+        settings: the run.
+        out_dir: receives `tiny-backbone.safetensors` (the vision tower's state dict, what `tiny` loads) and
+            `tiny-backbone.metrics.json`; copy both to ootd/assets/ to make them the committed backbone.
+        storage_path: Ray Train storage; default `<out_dir>/ray_results`.
+        run_name: Ray Train run name; default a fresh timestamped one.
+
+    Returns:
+        The metrics written: final per-attribute held-out accuracy, history, wall time, settings, file sizes.
+
+    Raises:
+        RuntimeError: when the run fails or reports no checkpoint.
+    """
+    import shutil
+
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    out = Path(out_dir).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    storage = Path(storage_path).resolve() if storage_path else out / "ray_results"
+    name = run_name or time.strftime("pretrain-%Y%m%d-%H%M%S")
+    started = time.perf_counter()
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"settings": settings},
+        scaling_config=ScalingConfig(num_workers=settings.num_workers,
+                                     resources_per_worker={"CPU": settings.cpus_per_worker}),  # fmt: skip
+        run_config=RunConfig(name=name, storage_path=str(storage)),
+    )
+    result = trainer.fit()
+    wall = time.perf_counter() - started
+    if result.error is not None:
+        raise RuntimeError(f"pretraining run {storage / name} failed") from result.error
+    if result.checkpoint is None:
+        raise RuntimeError(f"pretraining run {storage / name} reported no checkpoint")
+    with result.checkpoint.as_directory() as ckpt:
+        shutil.copyfile(Path(ckpt) / WEIGHTS_FILE, out / WEIGHTS_FILE)
+        history = json.loads((Path(ckpt) / HISTORY_FILE).read_text())
+    final = dict(result.metrics)
+    summary = {
+        "eval_accuracy": final.get("eval_accuracy"),
+        "eval_mean_accuracy": final.get("eval_mean_accuracy"),
+        "majority_accuracy": (majority := majority_baseline(settings)),
+        "majority_mean_accuracy": float(np.mean(list(majority.values()))),
+        "final_train_loss": final.get("train_loss"),
+        "wall_seconds": round(wall, 1),
+        "render_seconds_per_worker": final.get("render_seconds"),
+        "worker_cpu_seconds": final.get("worker_cpu_seconds"),
+        "history": history,
+        "settings": asdict(settings),
+        "weights_bytes": (out / WEIGHTS_FILE).stat().st_size,
+        "run_dir": str(storage / name),
+    }  # fmt: skip
+    (out / METRICS_FILE).write_text(json.dumps(summary, indent=2))
+    return summary

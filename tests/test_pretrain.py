@@ -1,0 +1,122 @@
+"""Attribute pretraining of the tiny backbone: its data, loss, schedule, the trunk asset `tiny` loads, the DDP run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ootd.model import backbones
+from ootd.train.pretrain import (
+    EVAL_STREAM,
+    TRAIN_STREAM,
+    AttributeNet,
+    PretrainSettings,
+    attribute_loss,
+    attribute_sizes,
+    lr_at,
+    render_set,
+)
+
+SMALL = PretrainSettings(n_train=8, n_eval=4, epochs=1, batch_size=4, render_size=128, num_workers=2,
+                         cpus_per_worker=0.5)  # fmt: skip
+
+
+def test_rendered_crops_are_deterministic_labelled_and_streams_are_disjoint():
+    x, y = render_set(TRAIN_STREAM, range(4), SMALL)
+    x2, y2 = render_set(TRAIN_STREAM, range(4), SMALL)
+    ex, _ = render_set(EVAL_STREAM, range(4), SMALL)
+    assert x.shape == (4, 3, 64, 64) and y.shape == (4, len(attribute_sizes())) and y.dtype == torch.int64
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    assert not any(torch.equal(a, b) for a in x for b in ex)  # held-out photos are never training photos
+    sizes = torch.tensor(list(attribute_sizes().values()))
+    assert bool(((y >= 0) & (y < sizes)).all())
+    assert -1.0 <= float(x.min()) and float(x.max()) <= 1.0  # the tiny preprocess: mean/std 0.5
+
+
+def test_a_few_steps_on_a_handful_of_images_lower_the_attribute_loss():
+    x, y = render_set(TRAIN_STREAM, range(8), SMALL)
+    net = AttributeNet(seed=0)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    with torch.no_grad():
+        logits = net(x)
+        before = float(attribute_loss(logits, y))
+    assert set(logits) == set(attribute_sizes())
+    assert all(out.shape == (8, n) for out, n in zip(logits.values(), attribute_sizes().values(), strict=True))
+    for _ in range(6):
+        optimizer.zero_grad()
+        attribute_loss(net(x), y).backward()
+        optimizer.step()
+    with torch.no_grad():
+        assert float(attribute_loss(net(x), y)) < before
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    settings = PretrainSettings(lr=1e-3, warmup_fraction=0.1)
+    lrs = [lr_at(step, 100, settings) for step in range(101)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False)) and lrs[100] == pytest.approx(0.0)
+
+
+def _save_trunk(visual: torch.nn.Module, path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous().clone() for k, v in visual.state_dict().items()}, str(path))
+
+
+def test_tiny_loads_the_trunk_file_and_tiny_random_does_not(tmp_path, monkeypatch):
+    net = AttributeNet(seed=0)
+    with torch.no_grad():
+        for param in net.visual.parameters():  # stands in for pretraining having moved the weights
+            param.add_(0.01)
+    weights = tmp_path / "tiny-backbone.safetensors"
+    _save_trunk(net.visual, weights)
+    monkeypatch.setattr(backbones, "TINY_WEIGHTS", weights)
+
+    model, _ = backbones.create_open_clip("tiny")
+    for name, value in model.visual.state_dict().items():
+        assert torch.equal(value, net.visual.state_dict()[name]), name
+    random_a, _ = backbones.create_open_clip("tiny-random")
+    torch.manual_seed(123)  # the caller's RNG state must not matter: every process builds the same model
+    random_b, _ = backbones.create_open_clip("tiny-random")
+    assert all(torch.equal(a, b) for a, b in zip(random_a.state_dict().values(), random_b.state_dict().values(),
+                                                   strict=True))  # fmt: skip
+    qkv = [m.visual.trunk.blocks[0].attn.qkv.weight for m in (random_a, model)]
+    assert not torch.equal(*qkv)
+
+
+def test_missing_trunk_asset_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(backbones, "TINY_WEIGHTS", tmp_path / "gone.safetensors")
+    with pytest.raises(backbones.ModelNotAvailable, match="ootd pretrain-backbone.*tiny-random"):
+        backbones.create_open_clip("tiny")
+    with pytest.raises(backbones.ModelNotAvailable, match="pretrain-backbone"):
+        backbones.locate_weights("tiny")
+    assert "random" in backbones.locate_weights("tiny-random")
+
+
+def test_committed_asset_is_small_loads_and_records_its_metrics():
+    assert backbones.TINY_WEIGHTS.is_file(), "ootd/assets/tiny-backbone.safetensors is missing"
+    assert backbones.TINY_WEIGHTS.stat().st_size <= 10 * 2**20
+    metrics = json.loads((backbones.TINY_WEIGHTS.parent / "tiny-backbone.metrics.json").read_text())
+    assert set(metrics["eval_accuracy"]) == set(attribute_sizes())
+    assert metrics["eval_mean_accuracy"] > metrics["majority_mean_accuracy"]
+    pretrained, _ = backbones.create_open_clip("tiny")
+    random, _ = backbones.create_open_clip("tiny-random")
+    assert not torch.equal(pretrained.visual.trunk.pos_embed, random.visual.trunk.pos_embed)
+
+
+@pytest.mark.slow
+def test_pretrain_runs_under_ray_train_ddp_and_writes_a_loadable_trunk(ray_session, tmp_path, monkeypatch):
+    from ootd.train.pretrain import METRICS_FILE, WEIGHTS_FILE, pretrain_backbone
+
+    summary = pretrain_backbone(SMALL, tmp_path / "out")
+    assert summary["settings"]["num_workers"] == 2 and len(summary["history"]) == 1
+    assert set(summary["eval_accuracy"]) == set(attribute_sizes())
+    assert all(0.0 <= v <= 1.0 for v in summary["eval_accuracy"].values())
+    assert json.loads((tmp_path / "out" / METRICS_FILE).read_text())["weights_bytes"] == summary["weights_bytes"]
+    monkeypatch.setattr(backbones, "TINY_WEIGHTS", tmp_path / "out" / WEIGHTS_FILE)
+    model, _ = backbones.create_open_clip("tiny")
+    features = model.visual(torch.zeros(2, 3, 64, 64))
+    assert features.shape == (2, 192) and bool(np.isfinite(features.detach().numpy()).all())
