@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -48,14 +47,25 @@ def wait_for_port(port: int, timeout: float, proc: subprocess.Popen | None = Non
 
 def stop_process_group(proc: subprocess.Popen, grace: float = 20.0) -> None:
     """SIGTERM the group a fixture started (and only that group), then SIGKILL what is left."""
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
+    from ootd.store.standalone import stop_group
+
+    stop_group(proc, grace)
+
+
+def wait_for_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    """Blocks until GET `url` answers 200 (and, given `proc`, fails at once when that process exits)."""
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc is None or proc.poll() is None, f"the server process exited with {proc.returncode}"
+        try:
+            if requests.get(url, timeout=10).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{url} did not answer 200 within {timeout}s")
 
 
 @dataclass(frozen=True)

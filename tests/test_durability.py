@@ -18,7 +18,7 @@ import pytest
 
 from ootd.config import with_overrides
 from ootd.styles import STYLES
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_for_http
 from tests.test_index import write_detected_crops
 from tests.test_serve import _fresh_photo, _post_image, _post_json
 
@@ -49,22 +49,8 @@ def _deploy(cfg, port: int) -> str:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(make_app(cfg), name=APP_NAME, route_prefix="/")
     url = f"http://127.0.0.1:{port}"
-    _wait_ready(url, timeout=180)
+    wait_for_http(f"{url}/readyz", timeout=180)
     return url
-
-
-def _wait_ready(url: str, timeout: float) -> None:
-    import requests
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"{url}/readyz", timeout=10).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"{url} not ready after {timeout}s")
 
 
 def _index_replica_pid(dashboard_url: str) -> int | None:
@@ -157,7 +143,7 @@ def test_acknowledged_writes_survive_a_sigkill_of_the_index_replica_and_an_app_r
     while replica_pid() in (None, old_pid) and time.monotonic() < deadline:
         time.sleep(1)
     assert replica_pid() not in (None, old_pid), "Serve did not restart the Index replica"
-    _wait_ready(url, timeout=180)
+    wait_for_http(f"{url}/readyz", timeout=180)
     assert len(acked) > KILL_AFTER_ACKS  # writes went on being acknowledged after the kill
     _assert_each_found_once(url, acked)
     count = _stats(url)["count"]

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from ootd.config import REDACTED, ConfigError, load_config, redact_overrides, save_config, with_overrides
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, free_port, wait_for_http
 
 BIN = Path(sys.executable).parent
 KEY, TOKEN = "k3y-0123-never-logged", "t0ken-4567-never-logged"
@@ -102,21 +102,6 @@ def test_ootd_serve_refuses_open_writes_before_joining_a_cluster(no_secret_env, 
 # -- a real `ootd serve` (slow) ---------------------------------------------------------------------------------------
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:
-    import requests
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"ootd serve exited with {proc.returncode}"
-        try:
-            if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"{url} not healthy after {timeout}s")
-
-
 def _port_open(port: int) -> bool:
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) == 0
@@ -143,7 +128,7 @@ def test_ootd_serve_drains_on_sigterm_exits_0_and_logs_no_secret(ray_cluster, ra
         proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             url = f"http://127.0.0.1:{port}"
-            _wait_healthy(url, proc, timeout=400)
+            wait_for_http(f"{url}/healthz", timeout=400, proc=proc)
             deadline = time.monotonic() + 400  # the steady state: deployed, waiting for a signal
             while "serving on" not in log_path.read_text(errors="replace"):
                 assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]

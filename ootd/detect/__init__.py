@@ -2,11 +2,6 @@
 
 from ootd import lazy_exports
 
-_EXPORTS = {
-    "Detector": "yolo",
-    "OutfitBox": "boxes",
-    "outfit_box": "boxes",
-    "train_detector": "training",
-}
+_EXPORTS = {"Detector": "yolo", "OutfitBox": "boxes", "outfit_box": "boxes", "train_detector": "training"}
 __all__ = sorted(_EXPORTS)
 __getattr__ = lazy_exports(__name__, _EXPORTS)

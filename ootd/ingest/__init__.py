@@ -2,9 +2,6 @@
 
 from ootd import lazy_exports
 
-_EXPORTS = {
-    "run_ingest": "pipeline",
-    "list_inputs": "pipeline",
-}
+_EXPORTS = {"run_ingest": "pipeline", "list_inputs": "pipeline"}
 __all__ = sorted(_EXPORTS)
 __getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -2,10 +2,6 @@
 
 from ootd import lazy_exports
 
-_EXPORTS = {
-    "MilvusStore": "milvus",
-    "Hit": "rows",
-    "MediaStore": "media",
-}
+_EXPORTS = {"MilvusStore": "milvus", "Hit": "rows", "MediaStore": "media"}
 __all__ = sorted(_EXPORTS)
 __getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -27,6 +27,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def stop_group(proc: subprocess.Popen, grace: float = 20.0) -> None:
+    """SIGTERM the process group `proc` leads (and only that group), then SIGKILL what is left of it."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+    try:  # the leader may be gone while its children linger in the group
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    if proc.poll() is None:
+        proc.wait(timeout=10)
+
+
 class LocalMilvus:
     """`milvus-server --data DIR` on free ports, in its own process group (the wrapper's child outlives a signal
     sent to the wrapper alone, so the whole group is stopped: TERM, then KILL what lingers).
@@ -70,18 +86,8 @@ class LocalMilvus:
     def stop(self, grace: float = 20.0) -> None:
         """Stops the server's process group (idempotent)."""
         proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
         if proc is not None:
-            try:  # the wrapper may be gone while its children linger in the group
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            stop_group(proc, grace)
         if self._log is not None:
             self._log.close()
             self._log = None

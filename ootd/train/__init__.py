@@ -2,9 +2,6 @@
 
 from ootd import lazy_exports
 
-_EXPORTS = {
-    "run_training": "driver",
-    "train_loop_per_worker": "worker",
-}
+_EXPORTS = {"run_training": "driver", "train_loop_per_worker": "worker"}
 __all__ = sorted(_EXPORTS)
 __getattr__ = lazy_exports(__name__, _EXPORTS)
