@@ -33,7 +33,8 @@ def _bounded(default: Any, lo: float | None = None, hi: float | None = None) -> 
 class DataConfig:
     """Where photos come from and what the decoder accepts."""
 
-    # A folder with one sub-folder per style, or a manifest (csv/parquet with `path` and optional `style`).
+    # A folder with one sub-folder per style, or a manifest (csv/parquet/jsonl with `path` or `url`, optional
+    # `style`); local paths or filesystem URIs (file://, s3://, gs://, ...).
     source: str = ""
     # Root of every derived artefact (crops, errors, checkpoints, models, reports) unless a job is told otherwise.
     workdir: str = "runs"
@@ -44,6 +45,26 @@ class DataConfig:
     num_blocks: int = _bounded(8, lo=1)
     # Crops are re-encoded at most this long side (px): enough for 224-px models, small on disk.
     crop_max_side: int = _bounded(512, lo=32)
+    # Photos within this many bits (of the 144-bit pHash, mirror- and crop-aware) form one near-duplicate group;
+    # measured in benchmarks/near_dup_threshold.py (copies <= 6, first false merge at 36).
+    near_dup_threshold: int = _bounded(20, lo=0, hi=144)
+    # URL inputs: download actors, and requests in flight in all and to one host (both split over the actors).
+    download_actors: int = _bounded(1, lo=1)
+    download_concurrency: int = _bounded(16, lo=1)
+    download_per_host: int = _bounded(4, lo=1)
+    download_connect_timeout_s: float = _bounded(5.0, lo=0.01)
+    # Longest wait for any one read; download_deadline_s bounds a whole attempt (a trickling server).
+    download_read_timeout_s: float = _bounded(15.0, lo=0.01)
+    download_deadline_s: float = _bounded(60.0, lo=0.01)
+    # Retries after timeouts, connection errors, 408, 429 and 5xx (exponential backoff from download_backoff_s);
+    # a Retry-After over download_max_wait_s ends them. Failures left are retried by the next run.
+    download_retries: int = _bounded(3, lo=0)
+    download_backoff_s: float = _bounded(0.5, lo=0.0)
+    download_max_wait_s: float = _bounded(30.0, lo=0.0)
+    # Hosts resolving to loopback/private/link-local addresses are refused (SSRF guard) unless this is set, or
+    # the address is in one of allowed_private_networks (CIDRs, e.g. an internal image CDN).
+    allow_private_hosts: bool = False
+    allowed_private_networks: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,10 @@ if TYPE_CHECKING:
 CROPS_DIR, ERRORS_DIR = "crops", "errors"
 TIMING = ("t_decode", "t_detect", "t_crop")  # per-row busy seconds, summed by the ingest writer into its summary
 CROP_COLUMNS = ["image_id", "source", "style", "width", "height", "box", "det_score", "n_garments", "fallback", "crop"]
+# Near-duplicate columns ingest adds to each crops row (nullable; absent from files written before them):
+# `near_dup_of` is the group representative's image id (null for a representative), the rest its pHashes (hex).
+NEAR_DUP_COLUMNS = ["near_dup_of", "phash", "phash_mirror", "phash_windows"]
+FETCHED_DIR = "fetched"  # URL -> image id of every download that passed the hash pass (see ootd.ingest.pipeline)
 
 
 def schemas() -> dict[str, pa.Schema]:
@@ -30,13 +34,21 @@ def schemas() -> dict[str, pa.Schema]:
     crop = [("box", pa.list_(pa.int32())), ("det_score", pa.float32()), ("n_garments", pa.int32()),
             ("fallback", pa.bool_()), ("crop", pa.binary())]  # fmt: skip
     timing = [(name, pa.float64()) for name in TIMING]
+    hashes = [("phash", pa.string()), ("phash_mirror", pa.string()), ("phash_windows", pa.list_(pa.string()))]
+    near_dup = [("near_dup_of", pa.string())] + hashes
+    # `transient`: a download failure that a later run retries (null in files written before the column).
+    failure = error + [("transient", pa.bool_())]
     return {
-        "hashed": pa.schema(key + error),
+        "hashed": pa.schema(key + hashes + failure),
         # large_binary: a batch of full-size photos can pass 2 GiB of pixels, binary's offset limit.
-        "decoded": pa.schema(key + size + [("pixels", pa.large_binary())] + error + timing[:1]),
-        "cropped": pa.schema(key + size + crop + error + timing),
+        "decoded": pa.schema(key + size + [("pixels", pa.large_binary())] + near_dup + failure + timing[:1]),
+        "cropped": pa.schema(key + size + crop + near_dup + failure + timing),
+        # The columns every reader relies on (CROP_COLUMNS); ingest writes `crops_written`, which adds
+        # NEAR_DUP_COLUMNS. Files of either shape are one table: readers select columns or unify schemas.
         "crops": pa.schema(key + size + crop),
-        "errors": pa.schema([("source", pa.string())] + error),
+        "crops_written": pa.schema(key + size + crop + near_dup),
+        "errors": pa.schema([("source", pa.string())] + failure),
+        "fetched": pa.schema([("source", pa.string()), ("image_id", pa.string())]),
         # The index job's errors also name the crop they belong to.
         "index_errors": pa.schema([("source", pa.string())] + error + [("image_id", pa.string())]),
     }
@@ -112,10 +124,18 @@ def count_rows(folder: str | Path) -> int:
 
 
 def read_columns(folder: str | Path, columns: list[str]) -> dict[str, list]:
-    """Only `columns` of every parquet file under `folder`, as Python lists ({} of empty lists when there are none)."""
-    import pyarrow.dataset as pads
+    """Only `columns` of every parquet file under `folder`, as Python lists ({} of empty lists when there are none).
 
-    files = parquet_files(folder)
+    Files written before a column existed read as nulls in it (the files' schemas are unified from their footers).
+    """
+    import pyarrow as pa
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    files = [str(f) for f in parquet_files(folder)]
     if not files:
         return {c: [] for c in columns}
-    return pads.dataset([str(f) for f in files], format="parquet").to_table(columns=columns).to_pydict()
+    schema = pa.unify_schemas([pq.read_schema(f) for f in files])
+    present = [c for c in columns if c in schema.names]
+    table = pads.dataset(files, format="parquet", schema=schema).to_table(columns=present)
+    return {c: table.column(c).to_pylist() if c in present else [None] * table.num_rows for c in columns}

@@ -68,12 +68,14 @@ def test_unusable_sources_fail_clearly(tmp_path):
         list_inputs(tmp_path / "nope")
     with pytest.raises(ValueError, match="no image files"):
         list_inputs(tmp_path)
-    pd.DataFrame({"url": ["http://x/a.jpg"]}).to_csv(tmp_path / "urls.csv", index=False)
-    with pytest.raises(ValueError, match="needs a `path` column.*url inputs are not supported"):
-        list_inputs(tmp_path / "urls.csv")
+    pd.DataFrame({"file": ["a.jpg"]}).to_csv(tmp_path / "files.csv", index=False)
+    with pytest.raises(ValueError, match="needs a `path` or `url` column"):
+        list_inputs(tmp_path / "files.csv")
     (tmp_path / "list.txt").write_text("a.jpg")
-    with pytest.raises(ValueError, match="folder or a .csv/.parquet manifest"):
+    with pytest.raises(ValueError, match="folder or a .csv/.parquet/.jsonl manifest"):
         list_inputs(tmp_path / "list.txt")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        list_inputs(f"file://{tmp_path}/nope")
 
 
 # ---------------------------------------------------------------- bad inputs, one pipeline run on Ray
@@ -236,6 +238,20 @@ def test_same_photo_twice_is_one_row(bad_run):
     assert not (bad_run["errors"].source == paths["dup_b"]).any()
     assert (bad_run["crops"].image_id == kept["image_id"]).sum() == 1
     assert bad_run["first"]["duplicate_examples"] == [[paths["dup_b"], paths["dup_a"]]]
+
+
+@pytest.mark.slow
+def test_near_duplicates_share_a_group_and_distinct_photos_do_not(bad_run):
+    crops = bad_run["crops"].set_index("source")
+    group = {src: rep if isinstance(rep, str) else key for src, key, rep in zip(crops.index, crops.image_id,
+                                                                                 crops.near_dup_of, strict=True)}
+    paths = bad_run["paths"]
+    # The grayscale, 16-bit and CMYK re-encodings of the first good photo are near duplicates of it.
+    assert {group[paths[n]] for n in ("gray", "gray16", "cmyk")} == {group[bad_run["good"][0]]}
+    assert len({group[p] for p in bad_run["good"]}) == len(bad_run["good"])  # distinct photos never merged
+    reps = crops[crops.near_dup_of.isna()]
+    assert set(crops.near_dup_of.dropna()) <= set(reps.image_id)  # every member points at a representative
+    assert crops.phash.str.len().eq(36).all() and crops.phash_windows.map(len).eq(5).all()
 
 
 @pytest.mark.slow

@@ -1,14 +1,18 @@
-"""The ingest pipeline's worker side: Ray Data UDFs (hash, decode, detect+crop, write)."""
+"""The ingest pipeline's worker side: Ray Data UDFs (hash or download+hash, decode, detect+crop, write)."""
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ootd.decode import DETECT, READ, InputError, decode, encode_jpeg, image_id, probe, read_file
+from ootd.ingest.download import DOWNLOAD, FetchError, is_url
+from ootd.ingest.near_dup import PHash, phash_bytes, phash_image
+from ootd.ingest.sources import read_source
 from ootd.logs import quiet_libraries
 from ootd.tables import CROPS_DIR, ERRORS_DIR, TIMING, schemas, write_table
 
@@ -17,8 +21,43 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
     from ootd.config import DetectConfig
+    from ootd.ingest.download import FetchPolicy
 
 JPEG_QUALITY = 92
+EMPTY_HASH = {"phash": None, "phash_mirror": None, "phash_windows": None}
+
+
+def hash_bytes(data: bytes, max_pixels: int) -> tuple[str, PHash]:
+    """(image id, perceptual hashes) of one input's bytes, after the header probe.
+
+    The hashes need a (reduced-scale) decode; a file that fails it is decoded fully so that its error reads the
+    same as in the decode stage ("truncated or corrupt JPEG data: ...").
+
+    Raises:
+        InputError: stage `decode` for anything that is not a usable image.
+    """
+    probe(data, max_pixels)
+    try:
+        phash = phash_bytes(data)
+    except Exception:  # noqa: BLE001 - PIL raises many types; decode() below names the problem
+        phash = phash_image(decode(data, max_pixels))
+    return image_id(data), phash
+
+
+def staged_path(staging: str | Path, key: str) -> Path:
+    """Where a downloaded photo waits for the crop pass: `<staging>/<id[:2]>/<id>` (content-addressed)."""
+    return Path(staging) / key[:2] / key
+
+
+def stage_blob(staging: str | Path, key: str, data: bytes) -> None:
+    """Writes downloaded bytes under their id, atomically (two URLs of one photo write the same file)."""
+    path = staged_path(staging, key)
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{key}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 def hash_batch(batch: pa.Table, *, max_bytes: int, max_pixels: int) -> pa.Table:
@@ -35,33 +74,86 @@ def hash_batch(batch: pa.Table, *, max_bytes: int, max_pixels: int) -> pa.Table:
 
     rows = []
     for row in batch.select(["source", "style"]).to_pylist():
-        out = {**row, "image_id": None, "stage": None, "error": None}
+        out = {**row, "image_id": None, **EMPTY_HASH, "stage": None, "error": None, "transient": None}
         try:
-            data = read_file(row["source"], max_bytes)
-            probe(data, max_pixels)
-            out["image_id"] = image_id(data)
+            key, phash = hash_bytes(read_source(row["source"], max_bytes), max_pixels)
+            out.update(image_id=key, **phash.columns())
         except InputError as exc:
             out.update(stage=exc.stage, error=str(exc))
         rows.append(out)
     return pa.Table.from_pylist(rows, schema=schemas()["hashed"])
 
 
-def decode_batch(batch: pa.Table, *, max_bytes: int, max_pixels: int) -> pa.Table:
+class FetchHash:
+    """Actor UDF of the hash pass for URLs: downloads a batch on a thread pool, hashes, stages the bytes.
+
+    Each thread handles its download to the end (hash, probe, write to the staging folder) and keeps only the
+    small row, so a batch never holds more than `threads` bodies at once. One actor's `Fetcher` enforces the
+    per-host limit across its threads; the pipeline splits the overall and per-host limits over the actors.
+    """
+
+    def __init__(self, policy: FetchPolicy, threads: int, per_host: int, staging: str, max_pixels: int):
+        """Opens the connection pools and the thread pool.
+
+        Args:
+            policy: download limits (`FetchPolicy.from_config`).
+            threads: downloads in flight in this actor.
+            per_host: downloads in flight to one host in this actor.
+            staging: folder for downloaded bytes, read again by the decode stage.
+            max_pixels: `data.max_image_pixels`.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        from ootd.ingest.download import Fetcher
+
+        self.fetcher = Fetcher(policy, per_host)
+        self.threads = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="fetch")
+        self.staging, self.max_pixels = staging, max_pixels
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        """Rows with `source`, `style` → the hash pass's rows (id and hashes, or the error)."""
+        import pyarrow as pa
+
+        rows = list(self.threads.map(self._one, batch.select(["source", "style"]).to_pylist()))
+        return pa.Table.from_pylist(rows, schema=schemas()["hashed"])
+
+    def _one(self, row: dict[str, Any]) -> dict[str, Any]:
+        out = {**row, "image_id": None, **EMPTY_HASH, "stage": None, "error": None, "transient": None}
+        try:
+            data = self.fetcher.fetch(row["source"])
+            key, phash = hash_bytes(data, self.max_pixels)
+            stage_blob(self.staging, key, data)
+            out.update(image_id=key, **phash.columns())
+        except FetchError as exc:
+            out.update(stage=exc.stage, error=str(exc), transient=exc.transient)
+        except InputError as exc:
+            out.update(stage=exc.stage, error=str(exc))
+        except Exception as exc:  # noqa: BLE001 - one URL's surprise must not fail the batch; final, not retried
+            out.update(stage=DOWNLOAD, error=f"unexpected {type(exc).__name__}: {exc}")
+        return out
+
+
+def decode_batch(batch: pa.Table, *, max_bytes: int, max_pixels: int, staging: str = "") -> pa.Table:
     """Decode UDF: re-reads each unique file, checks it still hashes to its id, decodes it to upright RGB pixels.
 
     Args:
-        batch: rows with `image_id`, `source`, `style`.
+        batch: rows with `image_id`, `source`, `style` and the near-duplicate columns (passed through).
         max_bytes: `data.max_image_bytes`.
         max_pixels: `data.max_image_pixels`.
+        staging: where the hash pass left downloaded photos (URL sources are read from there, not fetched again).
     """
     import pyarrow as pa
 
     rows = []
-    for row in batch.select(["image_id", "source", "style"]).to_pylist():
+    for row in batch.select(["image_id", "source", "style", "near_dup_of", *EMPTY_HASH]).to_pylist():
         start = time.perf_counter()
-        out = {**row, "width": None, "height": None, "pixels": None, "stage": None, "error": None}
+        out = {**row, "width": None, "height": None, "pixels": None, "stage": None, "error": None,
+               "transient": None}  # fmt: skip
         try:
-            data = read_file(row["source"], max_bytes)
+            if is_url(row["source"]):
+                data = read_file(staged_path(staging, row["image_id"]), max_bytes)
+            else:
+                data = read_source(row["source"], max_bytes)
             if image_id(data) != row["image_id"]:
                 raise InputError(READ, "file changed between hashing and decoding (errors are final: remove it from "
                                        "errors/ to ingest it again)")
@@ -163,7 +255,7 @@ def write_batch(batch: pa.Table, *, out_dir: str, run_id: str) -> pa.Table:
 
     tables = schemas()
     failed = pc.is_valid(batch.column("stage"))
-    crops = batch.filter(pc.invert(failed)).select(tables["crops"].names).cast(tables["crops"])
+    crops = batch.filter(pc.invert(failed)).select(tables["crops_written"].names).cast(tables["crops_written"])
     errors = batch.filter(failed).select(tables["errors"].names)
     files = []
     if crops.num_rows:
