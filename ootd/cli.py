@@ -134,7 +134,8 @@ def sample_data(
 @app.command()
 def ingest(
     source: Annotated[str | None, typer.Option(
-        help="Folder with one sub-folder per style, or a csv/parquet/jsonl manifest (path or url[, style]); default: data.source."
+        help="Folder with one sub-folder per style, or a csv/parquet/jsonl manifest (path or url[, style]); "
+             "default: data.source."
     )] = None,
     out: Annotated[Path | None, typer.Option(help="Output folder for crops/, errors/ and the summary; default: "
                                                   "data.workdir.")] = None,
