@@ -128,11 +128,16 @@ def read_columns(folder: str | Path, columns: list[str]) -> dict[str, list]:
 
     Files written before a column existed read as nulls in it (the files' schemas are unified from their footers).
     """
+    return read_files_columns(parquet_files(folder), columns)
+
+
+def read_files_columns(paths: list[str | Path], columns: list[str]) -> dict[str, list]:
+    """`read_columns` over the given parquet files."""
     import pyarrow as pa
     import pyarrow.dataset as pads
     import pyarrow.parquet as pq
 
-    files = [str(f) for f in parquet_files(folder)]
+    files = [str(f) for f in paths]
     if not files:
         return {c: [] for c in columns}
     schema = pa.unify_schemas([pq.read_schema(f) for f in files])

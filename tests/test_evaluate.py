@@ -296,3 +296,30 @@ def test_job_under_ray_job_submit(ray_cluster, evaluated, tmp_path):
     assert "| fine-tuned · whole photo |" in proc.stdout
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_images"] == evaluated["result"]["n_images"]
+
+
+def test_a_near_duplicate_group_stays_in_its_representatives_split(tmp_path):
+    """A repost whose own id hashes into another split is evaluated with (or without) its original, never apart."""
+    import hashlib
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ootd.evaluate.run import select_split
+    from ootd.splits import split_of
+
+    ids = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(400)]
+    tests = [i for i in ids if split_of(i, 0.15, 0.15) == "test"]
+    trains = [i for i in ids if split_of(i, 0.15, 0.15) == "train"]
+    original, repost = tests[0], trains[0]
+    rows = [{"image_id": i, "source": i, "style": "Casual" if k % 2 else "Chic", "crop": b"x",
+             "near_dup_of": original if i == repost else None} for k, i in enumerate([*tests[:8], *trains[:8]])]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "part-0.parquet")
+    # An older file without the column reads as "no group".
+    old = [{"image_id": i, "source": i, "style": "Casual", "crop": b"x"} for i in tests[8:10]]
+    pq.write_table(pa.Table.from_pylist(old), tmp_path / "part-1.parquet")
+
+    selected, _ = select_split(sorted(tmp_path.glob("*.parquet")), "test", 0.15, 0.15)
+    assert repost in selected and original in selected and set(tests[:10]) <= set(selected)
+    train_selected, _ = select_split(sorted(tmp_path.glob("*.parquet")), "train", 0.15, 0.15)
+    assert repost not in train_selected

@@ -309,6 +309,27 @@ def test_label_map_is_the_sorted_train_styles_and_unlabelled_rows_never_train(ti
     assert data.source == "images" and data.payload == "crop"
 
 
+
+def test_a_near_duplicate_joins_its_representatives_split(tiny_config, small_crops, tmp_path):
+    """A repost whose own id hashes into val trains with its train-split original (no leak between splits)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pd.read_parquet(small_crops)
+    table = table[table["style"].notna()]
+    splits = table["image_id"].map(lambda i: split_of(i, 0.3, 0.0))
+    original = table.loc[splits == "train", "image_id"].iloc[0]
+    repost = table.loc[splits == "val", "image_id"].iloc[0]
+    table = table.assign(near_dup_of=[original if i == repost else None for i in table["image_id"]])
+    crops = tmp_path / "crops"
+    crops.mkdir()
+    pq.write_table(pa.Table.from_pandas(table, preserve_index=False), crops / "part-0.parquet")
+    cfg = with_overrides(tiny_config, [*SMALL, "train.feature_cache=false"])
+    data = prepare_data(cfg, crops, tmp_path / "work")
+    assert data.groups == {repost: original}
+    assert data.counts["val"] == int((splits == "val").sum()) - 1
+    assert data.counts["train"] == int((splits == "train").sum()) + 1
+
 # ---------------------------------------------------------------- slow: real Ray Train runs
 
 

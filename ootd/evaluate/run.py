@@ -186,9 +186,13 @@ def select_split(
     """
     import pyarrow.dataset as ds
 
-    from ootd.splits import split_of
+    from ootd.splits import group_split_of
+    from ootd.tables import read_files_columns
 
     dataset = ds.dataset([str(f) for f in files], format="parquet")
+    # Near-duplicate groups share their representative's split (files from before the column read as none).
+    table = read_files_columns(files, ["image_id", "near_dup_of"])
+    groups = {i: g for i, g in zip(table["image_id"], table["near_dup_of"], strict=True) if g}
     missing = [c for c in _NEEDED if c not in dataset.schema.names]
     if missing:
         raise ValueError(f"crops table {files[0].parent} lacks columns {missing} (has {dataset.schema.names})")
@@ -202,7 +206,7 @@ def select_split(
                 continue
             labelled += 1
             try:
-                in_split = split_of(image_id, val_fraction, test_fraction) == split
+                in_split = group_split_of(image_id, groups.get(image_id), val_fraction, test_fraction) == split
             except ValueError:
                 log.warning("crops table row with malformed image id %r left out", image_id)
                 continue

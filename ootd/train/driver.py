@@ -45,6 +45,7 @@ class TrainData:
         labels: the label map: sorted styles present in the train split; label i is labels[i].
         styles: every labelled style (validation labels index this list).
         counts: labelled rows per split.
+        groups: image id → its near-duplicate group's representative, for grouped rows only (they share its split).
         fingerprint: weights fingerprint of the backbone the rows were made for.
     """
 
@@ -56,6 +57,7 @@ class TrainData:
     styles: list[str]
     counts: dict[str, int]
     fingerprint: str
+    groups: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def prepare_data(config: Config, crops_dir: str | Path, workdir: str | Path) -> TrainData:
@@ -67,18 +69,17 @@ def prepare_data(config: Config, crops_dir: str | Path, workdir: str | Path) -> 
         FileNotFoundError: no crops table at `crops_dir`.
         ValueError: fewer than two styles to train on, or an empty validation split.
     """
-    import pyarrow.dataset as pads
-
-    from ootd.splits import split_of
-    from ootd.tables import crops_snapshot
+    from ootd.splits import group_split_of
+    from ootd.tables import crops_snapshot, read_columns
     from ootd.train.feature_cache import build_feature_cache, probe_encoder
 
     crops_dir = Path(crops_dir).resolve()
-    files = [str(crops_dir / name) for name, _ in crops_snapshot(crops_dir)]  # a clear error when there are none
-    table = pads.dataset(files, format="parquet").to_table(columns=["image_id", "style"])
-    ids, styles = table["image_id"].to_pylist(), table["style"].to_pylist()
+    crops_snapshot(crops_dir)  # a clear error when there is no crops table
+    table = read_columns(crops_dir, ["image_id", "style", "near_dup_of"])
+    ids, styles = table["image_id"], table["style"]
+    groups = {i: g for i, g in zip(ids, table["near_dup_of"], strict=True) if g}
     tcfg = config.train
-    splits = [split_of(i, tcfg.val_fraction, tcfg.test_fraction) for i in ids]
+    splits = [group_split_of(i, groups.get(i), tcfg.val_fraction, tcfg.test_fraction) for i in ids]
     labelled = [(s, sp) for s, sp in zip(styles, splits, strict=True) if s is not None]
     counts = {name: sum(1 for _, sp in labelled if sp == name) for name in ("train", "val", "test")}
     labels = sorted({s for s, sp in labelled if sp == "train"})
@@ -96,7 +97,7 @@ def prepare_data(config: Config, crops_dir: str | Path, workdir: str | Path) -> 
         )
     log.info("labelled crops per split %s; %d styles train: %s", counts, len(labels), ", ".join(labels))
     probe = probe_encoder(config.model, config.model.unlocked_blocks)
-    common = {"labels": labels, "styles": sorted({s for s, _ in labelled}), "counts": counts}
+    common = {"labels": labels, "styles": sorted({s for s, _ in labelled}), "counts": counts, "groups": groups}
     if not tcfg.feature_cache:
         return TrainData("images", str(crops_dir), "crop", None, fingerprint=probe["fingerprint"], **common)
     cache = build_feature_cache(config, crops_dir, workdir, probe=probe)
@@ -128,6 +129,7 @@ def split_dataset(data: TrainData, split: str, config: Config) -> ray.data.Datas
             "labels": data.labels if split == "train" else data.styles,
             "val_fraction": config.train.val_fraction,
             "test_fraction": config.train.test_fraction,
+            "groups": data.groups,
         },
         batch_size=1,
         batch_format="numpy",
@@ -143,10 +145,11 @@ def _read_split(
     labels: list[str],
     val_fraction: float,
     test_fraction: float,
+    groups: dict[str, str],
 ) -> Iterator[dict[str, np.ndarray]]:
     import pyarrow.parquet as pq
 
-    from ootd.splits import split_of
+    from ootd.splits import group_split_of
 
     index = {style: i for i, style in enumerate(labels)}
     for path in batch["file"]:
@@ -159,7 +162,7 @@ def _read_split(
                     for i, (image_id, style) in enumerate(zip(rows["image_id"], rows["style"], strict=True))
                     if style in index
                     and (errors is None or errors[i] is None)
-                    and split_of(image_id, val_fraction, test_fraction) == split
+                    and group_split_of(image_id, groups.get(image_id), val_fraction, test_fraction) == split
                 ]
                 if keep:
                     yield {
