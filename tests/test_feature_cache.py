@@ -145,7 +145,8 @@ def test_cache_job_writes_every_labelled_crop_once_and_is_reused(ray_session, sy
     with torch.no_grad():
         want = encoder.boundary_features(encoder.preprocess([decode_crop(c) for c in sample["crop"]]), 1)
     got = decode_features(rows.set_index("image_id").loc[sample["image_id"], "features"].tolist(), cache.shape)
-    np.testing.assert_allclose(got.astype(np.float32), want.numpy(), atol=1e-2)
+    # fp16 keeps 11 significant bits: a relative error of 2^-11 (the pretrained trunk's activations reach ~50).
+    np.testing.assert_allclose(got.astype(np.float32), want.numpy(), rtol=1e-3, atol=1e-2)
     manifest = json.loads((cache.path / "cache.json").read_text())
     assert manifest["dtype"] == "float16" and manifest["rows"] == cache.rows
     assert not list(cache.path.parent.glob(".*tmp*"))  # nothing half-written left behind
