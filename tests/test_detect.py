@@ -261,3 +261,16 @@ def test_train_detector_job_rejects_a_missing_dataset(tmp_path, capsys):
     assert main(["--data", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "o"), "--no-ray"]) == 2
     assert "dataset YAML not found" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_loading_ultralytics_leaves_pil_open_alone():
+    """Ultralytics' global Image.open patch would answer a non-image with a pip install attempt (pi-heif)."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    from ootd.detect.yolo import offline_ultralytics
+
+    offline_ultralytics()
+    with pytest.raises(UnidentifiedImageError):
+        Image.open(io.BytesIO(b"definitely not an image"))

@@ -158,8 +158,25 @@ def offline_ultralytics() -> ModuleType:
         for module in (checks, data_utils, plotting):
             if hasattr(module, "check_font"):
                 module.check_font = _local_font
+        _keep_pil_open_offline()
         _ultralytics = ultralytics
         return ultralytics
+
+
+def _keep_pil_open_offline() -> None:
+    """Ultralytics patches `PIL.Image.open` process-wide: on an unidentified image it runs `check_requirements`
+    ("pi-heif", a pip install attempt) and raises ModuleNotFoundError instead of UnidentifiedImageError. That would
+    turn every non-image upload or crawled file in a detector process into a network call and a wrong error, so
+    the original opener is put back (ootd reads no HEIF)."""
+    from PIL import Image
+
+    try:
+        from ultralytics.utils import patches
+    except ImportError:  # an ultralytics without the patch
+        return
+    original = getattr(patches, "_image_open", None)
+    if original is not None and Image.open is getattr(patches, "image_open", None):
+        Image.open = original
 
 
 @contextlib.contextmanager
