@@ -6,10 +6,10 @@ import hashlib
 import io
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 if TYPE_CHECKING:
     import numpy as np
@@ -102,19 +102,33 @@ def read_file(path: str | Path, max_bytes: int) -> bytes:
     path = Path(path)
     try:
         size = path.stat().st_size
-        if not path.is_file():
-            raise InputError(READ, f"not a regular file: {path}")
-        if size > max_bytes:
-            raise InputError(READ, f"file is {size:,} bytes, over data.max_image_bytes={max_bytes:,}; not read")
-        with path.open("rb") as fh:
-            # Read one byte past the limit so a file that grew after stat() is still caught.
-            data = fh.read(max_bytes + 1)
     except FileNotFoundError:
         raise InputError(READ, f"file not found: {path}") from None
-    except PermissionError as exc:
-        raise InputError(READ, f"permission denied: {path} ({exc.strerror})") from None
     except OSError as exc:
         raise InputError(READ, f"cannot read {path}: {exc}") from None
+    if not path.is_file():
+        raise InputError(READ, f"not a regular file: {path}")
+    return read_capped(lambda: path.open("rb"), size, str(path), max_bytes)
+
+
+def read_capped(open_stream: Callable[[], BinaryIO], size: int | None, name: str, max_bytes: int) -> bytes:
+    """Reads a whole stream of at most `max_bytes` (`size`, when known, refuses it before reading).
+
+    Raises:
+        InputError: stage `read` for a missing, unreadable or oversized file.
+    """
+    if size is not None and size > max_bytes:
+        raise InputError(READ, f"file is {size:,} bytes, over data.max_image_bytes={max_bytes:,}; not read")
+    try:
+        with open_stream() as fh:
+            # Read one byte past the limit so a file that grew after its size was taken is still caught.
+            data = fh.read(max_bytes + 1)
+    except FileNotFoundError:
+        raise InputError(READ, f"file not found: {name}") from None
+    except PermissionError as exc:
+        raise InputError(READ, f"permission denied: {name} ({exc.strerror})") from None
+    except OSError as exc:
+        raise InputError(READ, f"cannot read {name}: {exc}") from None
     if len(data) > max_bytes:
         raise InputError(READ, f"file is over data.max_image_bytes={max_bytes:,}; not read")
     return data

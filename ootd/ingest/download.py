@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any
 
-from ootd.decode import READ, InputError
+from ootd.decode import READ, InputError, read_capped
 
 if TYPE_CHECKING:
     from ootd.config import DataConfig
@@ -346,20 +346,8 @@ def read_uri(uri: str, max_bytes: int) -> bytes:
     Raises:
         InputError: stage `read` for a missing, unreadable or oversized file, or an unknown filesystem.
     """
-    opened = _open_uri(uri)
-    size, stream = opened
-    if size is not None and size > max_bytes:
-        raise InputError(READ, f"file is {size:,} bytes, over data.max_image_bytes={max_bytes:,}; not read")
-    try:
-        with stream() as fh:
-            data = fh.read(max_bytes + 1)
-    except FileNotFoundError:
-        raise InputError(READ, f"file not found: {uri}") from None
-    except OSError as exc:
-        raise InputError(READ, f"cannot read {uri}: {exc}") from None
-    if len(data) > max_bytes:
-        raise InputError(READ, f"file is over data.max_image_bytes={max_bytes:,}; not read")
-    return data
+    size, stream = _open_uri(uri)
+    return read_capped(stream, size, uri, max_bytes)
 
 
 def _open_uri(uri: str) -> tuple[int | None, Callable[[], Any]]:
