@@ -156,6 +156,9 @@ class StoreConfig:
     media: str = "runs/media"
     # The append-only log of API writes (a local directory); "" means <data.workdir>/items_log.
     items_log: str = ""
+    # Index every member of a near-duplicate group (reposts, resizes: ingest's `near_dup_of`), not only its
+    # representative; search then collapses each group to its best hit. Off: a repost adds nothing to a result.
+    index_near_duplicates: bool = False
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 UPSERT_ROWS = 512
 # Beside the crops-table columns: the JSON meta an API item was written with ("" for crops-table rows).
 EXTRA_META = "extra_meta"
+# After the alias moves, how long a commit that resolved the old collection may still be running before its log
+# record is final (a commit takes milliseconds; this is generous).
+CATCH_UP_GRACE_S = 2.0
 
 
 class EmbedCrops:
@@ -60,7 +63,8 @@ class EmbedCrops:
             embeddings[ok_rows] = self.encoder.embed(images, batch_size=self.batch_size, precision=self.precision)
         for i in ok_rows:
             # Media first: a row that reaches Milvus always has its image.
-            self.media.put(str(batch["image_id"][i]), bytes(batch["crop"][i]))
+            # Not synced: a crash re-runs the job, and the crop stays in the crops table.
+            self.media.put(str(batch["image_id"][i]), bytes(batch["crop"][i]), sync=False)
         return {
             "image_id": np.asarray([str(v) for v in batch["image_id"]], dtype=object),
             "source": np.asarray([_text(v) for v in batch["source"]], dtype=object),
@@ -95,7 +99,12 @@ def run_index(
 
     The crops table is merged with the items log (the API's writes, latest op per id wins): API items are
     re-embedded from their logged crops, and ids whose latest op is a delete are left out, so a re-index keeps
-    API items and keeps deletes deleted.
+    API items and keeps deletes deleted. Of a near-duplicate group (ingest's `near_dup_of`) only the
+    representative is indexed unless `store.index_near_duplicates` (then each member's meta names its group, and
+    search collapses it). API writes the serving app makes while this job runs go to the old
+    collection and the log: the job applies the log's new records to the new collection before the alias moves,
+    and once more `CATCH_UP_GRACE_S` after (for a commit that resolved the old collection just before the move).
+    At the end the items log is compacted (segments of writers that are gone merged, latest record per id).
 
     Args:
         config: the resolved config (store, model precision, data.workdir).
@@ -121,7 +130,7 @@ def run_index(
     import ray
 
     from ootd.store.items_log import ItemsLog, items_log_dir
-    from ootd.store.milvus import MilvusStore
+    from ootd.store.milvus import MilvusStore, is_server_uri
 
     started = time.monotonic()
     config = absolute_paths(config)
@@ -136,12 +145,20 @@ def run_index(
                                                                                    config.data.num_blocks))
     if limit is not None:
         ds = ds.limit(limit)
-    # Read once, at the start: API writes after this point land in the old collection only (see the summary).
-    latest = ItemsLog(items_log_dir(config)).latest()
+    items_log = ItemsLog(items_log_dir(config))
+    latest = items_log.latest()
     api_items = [_crops_row(e, version) for e in latest.values() if e["op"] == "upsert"]
-    ds = ds.map_batches(_drop_logged, fn_kwargs={"logged": set(latest)}, batch_format="pyarrow")
+    seen = {image_id: e["seq"] for image_id, e in latest.items()}  # what the fill applies; later records are caught up
+    log_counts = {"api_items": len(api_items), "deleted": sum(e["op"] == "delete" for e in latest.values())}
+    del latest  # the crops travel in the dataset now
+    groups = _near_duplicates(files)
+    keep_duplicates = config.store.index_near_duplicates
+    skip = set(seen) if keep_duplicates else set(seen) | set(groups)
+    ds = ds.map_batches(_drop_logged, fn_kwargs={"skip": skip, "groups": groups if keep_duplicates else {}},
+                        batch_format="pyarrow")
     if api_items:
         ds = ds.union(ray.data.from_arrow(pa.Table.from_pylist(api_items, schema=_input_schema())))
+        del api_items
     use_gpu = device.startswith("cuda")
     ds = ds.map_batches(
         EmbedCrops,
@@ -162,11 +179,18 @@ def run_index(
             rows, failed = _rows_of(batch)
             error_rows += failed
             written += store.upsert(rows, collection=collection)
+        catch_up = _CatchUp(items_log, seen, lambda: EmbedCrops(str(model_dir), config.store.media,
+                                                                config.model.precision, batch_size, device))
+        caught = catch_up(store, collection, version)
         moved = False
         if swap and written:
             store.flush(collection)  # sealed and indexed before readers see it
             store.swap_alias(collection)
             moved = True
+            if is_server_uri(config.store.uri):  # a Lite file has one process: no app writes beside this job
+                time.sleep(CATCH_UP_GRACE_S)
+            caught += catch_up(store, collection, version)
+        error_rows += catch_up.errors
         summary = {
             "model_version": version,
             "model_dir": str(model_dir),
@@ -177,8 +201,8 @@ def run_index(
             "alias_moved": moved,
             "written": written,
             "errors": len(error_rows),
-            "items_log": {"api_items": len(api_items), "deleted": sum(e["op"] == "delete" for e in latest.values()),
-                          "read_at_seq": max((e["seq"] for e in latest.values()), default=0)},
+            "near_duplicates": {"members": len(groups), "indexed": keep_duplicates},
+            "items_log": {**log_counts, "caught_up": caught, "read_at_seq": max(seen.values(), default=0)},
             "count": store.count(collection=collection),
             "count_by_style": store.count_by_style(collection=collection),
             "store": config.store.uri,
@@ -186,11 +210,47 @@ def run_index(
             "seconds": round(time.monotonic() - started, 2),
             "out": str(out),
         }
+    summary["items_log"]["compaction"] = items_log.compact()
     if error_rows:
         write_rows(error_rows, out / "index_errors.parquet", "index_errors")
     (out / "index_summary.json").write_text(json.dumps(summary, indent=2))
     log.info("indexed %d crops into %s (%d errors); live: %s", written, collection, len(error_rows), summary["live"])
     return summary
+
+
+class _CatchUp:
+    """Applies the items log's records made since the fill read it (API writes during the job) to a collection.
+
+    Upserts are re-embedded in this process with the job's model (an `EmbedCrops` built on first need: usually
+    there are none or a few); deletes are applied as they are. Called before and after the alias moves.
+    """
+
+    def __init__(self, items_log: Any, seen: dict[str, int], make_embedder: Any):
+        self.items_log, self.seen, self.make_embedder = items_log, seen, make_embedder
+        self.embedder: EmbedCrops | None = None
+        self.errors: list[dict] = []
+
+    def __call__(self, store: Any, collection: str, version: str) -> int:
+        import pyarrow as pa
+
+        changed = [e for image_id, e in self.items_log.latest().items() if self.seen.get(image_id) != e["seq"]]
+        if not changed:
+            return 0
+        upserts = [_crops_row(e, version) for e in changed if e["op"] == "upsert"]
+        if upserts:
+            self.embedder = self.embedder or self.make_embedder()
+            table = pa.Table.from_pylist(upserts, schema=_input_schema())
+            rows, failed = _rows_of(self.embedder({c: table[c].to_numpy(zero_copy_only=False)
+                                                   for c in table.column_names}))
+            self.errors += failed
+            store.upsert(rows, collection=collection)
+        gone = [e["image_id"] for e in changed if e["op"] == "delete"]
+        if gone:
+            store.delete(gone, collection=collection)
+        self.seen.update((e["image_id"], e["seq"]) for e in changed)
+        log.info("caught up %d API writes made during the job (%d upserts, %d deletes) into %s", len(changed),
+                 len(upserts), len(gone), collection)
+        return len(changed)
 
 
 def _rows_of(batch: dict[str, np.ndarray]) -> tuple[list[dict], list[dict]]:
@@ -244,16 +304,26 @@ def _input_schema() -> Any:
     return schemas()["crops"].append(pa.field(EXTRA_META, pa.string()))
 
 
-def _drop_logged(batch: Any, logged: set[str]) -> Any:
-    """Crops-table rows whose id the items log decides (re-added through the API, or deleted) are left out."""
+def _near_duplicates(files: list[str]) -> dict[str, str]:
+    """image id → its group representative, for the crops-table rows that are near-duplicates of another."""
+    from ootd.tables import read_files_columns
+
+    table = read_files_columns(files, ["image_id", "near_dup_of"])
+    return {i: g for i, g in zip(table["image_id"], table["near_dup_of"], strict=True) if g and g != i}
+
+
+def _drop_logged(batch: Any, skip: set[str], groups: dict[str, str]) -> Any:
+    """Leaves out the crops-table rows whose id the items log decides (re-added through the API, or deleted) and
+    near-duplicates that are not indexed; a near-duplicate that is carries its group in its meta."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     schema = _input_schema()
-    if logged:
-        batch = batch.filter(pc.invert(pc.is_in(batch["image_id"], value_set=pa.array(sorted(logged)))))
+    if skip:
+        batch = batch.filter(pc.invert(pc.is_in(batch["image_id"], value_set=pa.array(sorted(skip)))))
     batch = batch.select([f.name for f in schema if f.name != EXTRA_META])
-    batch = batch.append_column(EXTRA_META, pa.array([""] * batch.num_rows, pa.string()))
+    extra = [json.dumps({"near_dup_of": groups[i]}) if i in groups else "" for i in batch["image_id"].to_pylist()]
+    batch = batch.append_column(EXTRA_META, pa.array(extra, pa.string()))
     return batch.cast(schema)
 
 

@@ -1,7 +1,8 @@
 """Acknowledged writes survive a SIGKILL of the Index replica, an app restart and a re-index (real Serve, HTTP, Milvus).
 
-The app runs on an embedded Milvus Lite file: the case that used to lose acknowledged rows (its WAL is corrupted by
-concurrent writers and truncated at recovery), and whose single replica owns the file, so killing it kills Milvus.
+Each test runs on an embedded Milvus Lite file (the case that used to lose acknowledged rows: its WAL is corrupted
+by concurrent writers and truncated at recovery; the single replica owns the file, so killing it kills Milvus) and on
+a Milvus standalone server (where the app keeps serving, and writing, while `ootd index` fills the next collection).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import pytest
 
 from ootd.config import with_overrides
 from ootd.styles import STYLES
-from tests.conftest import free_port, wait_for_http
+from tests.conftest import free_port, reset_milvus, wait_for_http
 from tests.test_index import write_detected_crops
 from tests.test_serve import _fresh_photo, _post_image, _post_json
 
@@ -62,15 +63,18 @@ def _index_replica_pid(dashboard_url: str) -> int | None:
     return alive[0].pid if len(alive) == 1 else None
 
 
-@pytest.fixture(scope="module")
-def durable_app(ray_cluster, ray_session, tiny_config, synthetic_set, tmp_path_factory):
-    """Crops indexed with model A into a Lite file, then the app deployed on it with an API key."""
+@pytest.fixture(scope="module", params=["lite", "standalone"])
+def durable_app(request, ray_cluster, ray_session, tiny_config, synthetic_set, tmp_path_factory):
+    """Crops indexed with model A into a Lite file or an emptied Milvus server, then the app deployed on it with an
+    API key."""
     from ray import serve
 
     from ootd.index import run_index
 
     root = tmp_path_factory.mktemp("durable")
-    cfg = with_overrides(tiny_config, [f"store.uri={root / 'milvus.db'}", f"store.media={root / 'media'}",
+    server = request.param == "standalone"
+    uri = reset_milvus(request.getfixturevalue("milvus_standalone")) if server else str(root / "milvus.db")
+    cfg = with_overrides(tiny_config, [f"store.uri={uri}", f"store.media={root / 'media'}",
                                        f"data.workdir={root}", "detect.num_cpus=0.25", "serve.max_replicas=1",
                                        f"serve.api_key={API_KEY}", "model.backbone=tiny-random"])
     crops = write_detected_crops(synthetic_set, root / "crops", cfg.detect, cfg.data.crop_max_side)
@@ -80,7 +84,7 @@ def durable_app(ray_cluster, ray_session, tiny_config, synthetic_set, tmp_path_f
     port = free_port()
     try:
         url = _deploy(cfg, port)
-        yield {"url": url, "cfg": cfg, "crops": crops, "root": root, "port": port,
+        yield {"url": url, "cfg": cfg, "crops": crops, "root": root, "port": port, "server": server,
                "dashboard": ray_cluster.dashboard_url, "table": pq.read_table(crops).to_pandas()}
     finally:
         serve.shutdown()
@@ -158,7 +162,25 @@ def test_acknowledged_writes_survive_a_sigkill_of_the_index_replica_and_an_app_r
     assert _stats(url)["count"] == count
 
 
+def _write_until(url: str, stop: threading.Event, seed: int) -> list[tuple[str, int]]:
+    """Posts fresh photos one after another until `stop`; returns (id, status) of each."""
+    import requests
+
+    done, n = [], 0
+    while not stop.is_set():
+        photo = _fresh_photo(STYLES[n % 13], seed + n)
+        try:
+            status = _post_image(url, "/v1/items", photo, headers={"x-api-key": API_KEY},
+                                 fields={"style": STYLES[n % 13]}).status_code
+        except requests.RequestException:
+            status = -1
+        done.append((hashlib.sha256(photo).hexdigest(), status))
+        n += 1
+    return done
+
+
 def test_reindex_keeps_api_items_and_keeps_deletes_deleted(durable_app):
+    """On a server the app keeps writing while the job runs: every write it acknowledged is in the new collection."""
     import requests
     from ray import serve
 
@@ -174,11 +196,28 @@ def test_reindex_keeps_api_items_and_keeps_deletes_deleted(durable_app):
     assert requests.delete(f"{url}/v1/items/{deleted}", headers=key, timeout=HTTP_TIMEOUT).status_code == 200
     count = _stats(url)["count"]
 
-    serve.delete(APP_NAME)  # a Lite file is one process's: the index job runs while the app is down
     model_b = _export(durable_app["cfg"], durable_app["root"] / "models", seed=2)
-    summary = run_index(durable_app["cfg"], durable_app["crops"], model_b, batch_size=16)
-    assert summary["live"] == f"ootd_{model_b.name}" and summary["count"] == count
+    during: list[tuple[str, int]] = []
+    if durable_app["server"]:
+        stop = threading.Event()
+        with ThreadPoolExecutor(1) as pool:
+            writer = pool.submit(_write_until, url, stop, 50_000)
+            try:
+                summary = run_index(durable_app["cfg"], durable_app["crops"], model_b, batch_size=16)
+            finally:
+                stop.set()
+            during = writer.result(timeout=300)
+        serve.delete(APP_NAME)  # redeploy: the encoder must serve the new model
+    else:
+        serve.delete(APP_NAME)  # a Lite file is one process's: the index job runs while the app is down
+        summary = run_index(durable_app["cfg"], durable_app["crops"], model_b, batch_size=16)
+    acked_during = [image_id for image_id, status in during if status == 201]
+    assert acked_during or not durable_app["server"], during
+    # Before the alias moved: acknowledged; after: refused until the app serves model B (a 503, nothing logged).
+    assert all(status in (201, 503) for _, status in during), during
+    assert summary["live"] == f"ootd_{model_b.name}" and summary["count"] == count + len(acked_during)
     assert summary["items_log"]["api_items"] >= 1 and summary["items_log"]["deleted"] >= 1
+    assert summary["items_log"]["caught_up"] >= len(acked_during)
 
     durable_app["url"] = url = _deploy(durable_app["cfg"], durable_app["port"])
     assert _stats(url)["model_version"] == model_b.name
@@ -190,3 +229,6 @@ def test_reindex_keeps_api_items_and_keeps_deletes_deleted(durable_app):
     assert hit["id"] == added and hit["score"] > 0.999  # re-embedded with model B from its logged crop
     found = _post_json(url, "/v1/search", {"id": added, "top_k": 100}).json()["results"]
     assert deleted not in {h["id"] for h in found}
+    for image_id in acked_during:  # written into collection A while B was filled: caught up, re-embedded
+        got = requests.get(f"{url}/v1/items/{image_id}", timeout=HTTP_TIMEOUT)
+        assert got.status_code == 200 and got.json()["meta"]["model_version"] == model_b.name, image_id

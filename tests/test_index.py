@@ -241,6 +241,32 @@ def test_bad_crop_rows_become_errors_and_the_rest_is_indexed(indexed, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("keep", [False, True])
+def test_near_duplicates_are_left_out_unless_configured_and_then_carry_their_group(indexed, tmp_path, keep):
+    cfg = with_overrides(indexed["cfg"], [f"store.uri={tmp_path / 'dups.db'}", f"store.media={tmp_path / 'media'}",
+                                          f"store.index_near_duplicates={str(keep).lower()}"])
+    rows = pq.read_table(indexed["crops"]).slice(0, 6).to_pylist()
+    rep = rows[0]["image_id"]
+    for r in rows:
+        r["near_dup_of"] = rep if r is rows[1] or r is rows[2] else None  # 1 and 2 are reposts of 0
+    crops = tmp_path / "crops"
+    crops.mkdir()
+    schema = CROPS_SCHEMA.append(pa.field("near_dup_of", pa.string()))
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), crops / "part-000.parquet")
+
+    summary = run_index(cfg, crops, indexed["a"], batch_size=4)
+    assert summary["near_duplicates"] == {"members": 2, "indexed": keep}
+    assert summary["count"] == (6 if keep else 4) and summary["errors"] == 0
+    with _store(cfg) as store:
+        stored = {r["id"]: r for r in store.get([r["image_id"] for r in rows])}
+    if keep:
+        assert stored[rows[1]["image_id"]]["meta"]["near_dup_of"] == rep
+        assert "near_dup_of" not in stored[rep]["meta"]
+    else:
+        assert set(stored) == {rows[i]["image_id"] for i in (0, 3, 4, 5)}
+
+
+@pytest.mark.slow
 def test_index_of_an_empty_folder_names_the_fix(indexed, tmp_path):
     with pytest.raises(FileNotFoundError, match="ootd ingest"):
         run_index(indexed["cfg"], tmp_path, indexed["a"])

@@ -79,6 +79,63 @@ def test_bad_records_are_refused_before_anything_is_written(tmp_path):
     assert list(log.entries()) == []
 
 
+WRITER_SCRIPT = """
+import sys
+from ootd.store.items_log import ItemsLog, delete_entry
+log = ItemsLog(sys.argv[1])
+log.append([delete_entry(sys.argv[2])])
+print("appended", flush=True)
+sys.stdin.read()  # alive, holding its segment, until the test kills it
+"""
+
+
+def test_compaction_merges_dead_writers_keeps_the_latest_op_and_leaves_live_ones_alone(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    first = ItemsLog(tmp_path)
+    first.append([upsert_entry(row(n), b"old", "v1") for n in range(5)])
+    first.append([upsert_entry(row(1, style="Retro"), b"new", "v1"), delete_entry(sha(2))])
+    first.close()
+    live = ItemsLog(tmp_path)
+    live.append([upsert_entry(row(7), b"live", "v1")])
+    # A real writer process, alive: its segment is held by its flock.
+    writer = subprocess.Popen([sys.executable, "-c", WRITER_SCRIPT, str(tmp_path), sha(3)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "appended"
+        before = {k: (v["op"], v["seq"]) for k, v in ItemsLog(tmp_path).latest().items()}
+        # Only the closed segment is sealed; rewritten alone because it holds superseded records.
+        assert ItemsLog(tmp_path).compact() == {"segments": 1, "records": 7, "kept": 5}
+        assert len(live.segments()) == 3
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait(10)
+    # Killed: the kernel dropped its lock, so its segment is sealed now, beside the closed one.
+    stats = ItemsLog(tmp_path).compact()
+    assert stats == {"segments": 2, "records": 6, "kept": 5}  # the writer's delete supersedes an upsert
+    assert len(live.segments()) == 2  # the compacted one and the live writer's, untouched
+    after = {k: (v["op"], v["seq"]) for k, v in ItemsLog(tmp_path).latest().items()}
+    assert after == before and after[sha(2)][0] == "delete" and after[sha(3)][0] == "delete"  # tombstones kept
+    assert ItemsLog(tmp_path).latest()[sha(1)]["crop"] == b"new"
+    live.append([delete_entry(sha(7))])  # the live writer goes on appending to its own segment
+    assert ItemsLog(tmp_path).latest()[sha(7)]["op"] == "delete"
+    assert ItemsLog(tmp_path).compact()["segments"] == 0  # one sealed segment without superseded records
+
+
+def test_a_compaction_killed_before_removing_the_old_segments_reads_each_record_once(tmp_path):
+    log = ItemsLog(tmp_path)
+    log.append([upsert_entry(row(n), b"x", "v1") for n in range(3)])
+    log.close()
+    (segment,) = log.segments()
+    copy = tmp_path / segment.name.replace(".jsonl", "-copy.jsonl")
+    copy.write_bytes(segment.read_bytes())  # what a kill between the rename and the unlinks leaves
+    assert [e["image_id"] for e in ItemsLog(tmp_path).entries()] == [sha(0), sha(1), sha(2)]
+    assert ItemsLog(tmp_path).compact()["kept"] == 3
+    assert [e["image_id"] for e in ItemsLog(tmp_path).entries()] == [sha(0), sha(1), sha(2)]
+
+
 # -- the Index's write path on Milvus Lite (in-process, no Serve) -------------------------------------------------
 
 
@@ -171,5 +228,33 @@ def test_one_bad_query_fails_only_itself_in_a_batched_search(core_config):
         assert out[1]["status"] == 422 and "NaN or infinity" in out[1]["error"]
         assert out[3]["status"] == 422 and "zeros" in out[3]["error"]
         assert out[4]["hits"] == []  # no Retro rows: an empty answer, not an error
+    finally:
+        core.store.close()
+
+
+@pytest.mark.parametrize("indexed_duplicates", [True, False])
+def test_search_collapses_a_near_duplicate_group_to_its_best_hit(core_config, indexed_duplicates):
+    from ootd.serve.index_deployment import _Write
+
+    cfg = with_overrides(core_config, [f"store.index_near_duplicates={str(indexed_duplicates).lower()}"])
+    core = _live_core(cfg)
+    try:
+        rep = row(1)
+        reposts = []
+        for n in (2, 3):  # two reposts of photo 1: near its vector, their meta naming it
+            near = np.asarray(rep["embedding"]) + np.random.default_rng(n).normal(scale=0.01, size=128)
+            reposts.append({**row(n), "embedding": (near / np.linalg.norm(near)).tolist(),
+                            "meta": {"near_dup_of": sha(1)}})
+        core.commit([_Write("upsert", r["id"], row=r, crop=b"x", model_version="v1")
+                     for r in [rep, *reposts, *(row(n) for n in range(4, 10))]])
+        query = {"vector": rep["embedding"], "top_k": 3}
+        collapsed, everything = core.search_many([query, {**query, "collapse": False}])
+        every_id = [h["id"] for h in everything["hits"]]
+        assert every_id[0] == sha(1) and set(every_id) == {sha(1), sha(2), sha(3)}
+        ids = [h["id"] for h in collapsed["hits"]]
+        if indexed_duplicates:  # one hit of the group, then the next distinct outfits, still top_k of them
+            assert ids[0] == sha(1) and not {sha(2), sha(3)} & set(ids) and len(ids) == 3
+        else:  # a collection of representatives only: nothing to collapse, nothing over-fetched
+            assert ids == every_id
     finally:
         core.store.close()

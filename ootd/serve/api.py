@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -15,6 +17,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ootd.decode import IMAGE_ID_PATTERN
+from ootd.serve import metrics
 from ootd.serve.backend import Backend, Unavailable
 from ootd.serve.contract import (
     IDS_FIELD,
@@ -65,6 +68,8 @@ class SearchFilters(_Strict):
     top_k: TopK = 10
     styles: list[StyleName] | None = Field(None, description="keep only these styles")
     exclude_ids: list[Sha256] | None = Field(None, max_length=MAX_IDS, description="ids never returned")
+    collapse_near_duplicates: bool = Field(True, description="one result per near-duplicate group (reposts, "
+                                           "resizes), where the index keeps every member")
 
 
 class SearchRequest(SearchFilters):
@@ -166,6 +171,9 @@ def _form_filters(form: Any) -> SearchFilters:
         values = form_list(form, key, pattern)
         if values:
             payload[key] = values
+    collapse = form.get("collapse_near_duplicates")
+    if isinstance(collapse, str) and collapse.strip():
+        payload["collapse_near_duplicates"] = collapse.strip()  # pydantic reads true/false/1/0
     return validate(SearchFilters, payload)
 
 
@@ -174,6 +182,44 @@ def _outfit(result: dict[str, Any]) -> Outfit:
 
 
 # -- the app ----------------------------------------------------------------------------------------------------------
+
+
+# Methods kept as a label value; any other token a client sends is `other`, so it cannot mint series.
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+class RequestMetrics:
+    """ASGI middleware: counts every HTTP request by route template, method and status, and times it.
+
+    Pure ASGI rather than `@app.middleware("http")`: it sees the status of every response (errors rendered by the
+    exception handlers inside it included) without buffering bodies. The route is read after the router ran,
+    from `scope["route"]`: the template, so `/v1/items/<sha>` stays one series per route, not one per id.
+    """
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start, status = time.perf_counter(), 500  # no response started: the server error middleware sends a 500
+
+        async def send_seen(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_seen)
+        except asyncio.CancelledError:
+            status = 499  # the client went away (nginx's code): not a server error
+            raise
+        finally:
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            method = scope["method"] if scope["method"] in HTTP_METHODS else "other"
+            metrics.http_request(route, method, status, time.perf_counter() - start)
 
 
 def create_api(backend: Backend, settings: ApiSettings) -> FastAPI:
@@ -293,7 +339,8 @@ def create_api(backend: Backend, settings: ApiSettings) -> FastAPI:
             version = result["model_version"]  # the live collection must hold this model's vectors
         elif kind == "application/json":
             req: SearchRequest = validate(SearchRequest, await read_json(request, MAX_JSON_BYTES))
-            filters = SearchFilters(top_k=req.top_k, styles=req.styles, exclude_ids=req.exclude_ids)
+            filters = SearchFilters(top_k=req.top_k, styles=req.styles, exclude_ids=req.exclude_ids,
+                                    collapse_near_duplicates=req.collapse_near_duplicates)
             if req.id is not None:
                 rows = await no_live(backend.get([req.id]))
                 if not rows:
@@ -339,6 +386,7 @@ def create_api(backend: Backend, settings: ApiSettings) -> FastAPI:
 
     install(api, api_key=bool(settings.api_key),
             write_routes={("post", "/v1/items"), ("delete", "/v1/items/{item_id}")})
+    api.add_middleware(RequestMetrics)
     return api
 
 

@@ -91,6 +91,8 @@ SEARCH_FORM = {
         # Patterns, so a request the schema calls valid is one the server accepts.
         "styles": {"type": "string", "pattern": STYLES_FIELD, "description": "comma-separated style names"},
         "exclude_ids": {"type": "string", "pattern": IDS_FIELD, "description": "comma-separated ids"},
+        "collapse_near_duplicates": {"type": "boolean", "default": True,
+                                     "description": "one result per near-duplicate group"},
     },
 }
 ITEM_FORM = {

@@ -21,11 +21,14 @@ from ray import serve
 
 from ootd.config import Config
 from ootd.logs import quiet_libraries
+from ootd.serve import metrics
 
 log = logging.getLogger(__name__)
 
 LIVE_TTL_S = 1.0
 MAX_COMMIT = 256  # writes merged into one commit: bounds one Milvus call and one log append
+# Hits fetched per wanted hit when near-duplicates may be collapsed: groups are small (a photo and its reposts).
+NEAR_DUP_OVERFETCH = 3
 
 
 @dataclasses.dataclass
@@ -67,7 +70,11 @@ class IndexCore:
         self._pending: list[tuple[_Write, asyncio.Future]] = []
         self._committer: asyncio.Task | None = None
         self.commits = 0  # commits run (a benchmark reads writes per commit)
+        self._unacked = 0  # writes submitted and not yet answered: the items-log lag gauge
+        # Only a collection indexed with its near-duplicates can return two of one group (see `_collapse`).
+        self.may_hold_near_duplicates = config.store.index_near_duplicates
         self.replayed = self.replay()
+        self.items_log.compact()  # the segments of replicas that died or restarted, merged (this one has none yet)
 
     # -- reads --------------------------------------------------------------------------------------------------
 
@@ -121,16 +128,24 @@ class IndexCore:
 
     def _search_group(self, queries: list[dict], members: list[int], styles: tuple, exclude: tuple, live: str,
                       out: list[dict]) -> None:
+        from ootd.store.rows import MILVUS_MAX_TOP_K
+
         top_k = max(queries[i]["top_k"] for i in members)
+        collapse = [self.may_hold_near_duplicates and queries[i].get("collapse", True) for i in members]
+        limit = min(MILVUS_MAX_TOP_K, top_k * NEAR_DUP_OVERFETCH) if any(collapse) else top_k
         vectors = np.asarray([queries[i]["vector"] for i in members], dtype=np.float32)
-        hits = self.store.search(vectors, top_k, styles=list(styles) or None, exclude_ids=list(exclude) or None)
-        for i, found in zip(members, hits, strict=True):
+        metrics.batch("search", len(members))
+        with metrics.stage("search"), metrics.milvus_call("search"):
+            hits = self.store.search(vectors, limit, styles=list(styles) or None, exclude_ids=list(exclude) or None)
+        for i, found, collapsed in zip(members, hits, collapse, strict=True):
+            found = _collapse(found) if collapsed else found
             out[i] = {"hits": [dataclasses.asdict(h) for h in found[: queries[i]["top_k"]]], "model_version": live}
 
     def get(self, ids: list[str]) -> list[dict[str, Any]] | dict[str, Any]:
         """Rows by id from the live collection (an `error` dict when nothing is live)."""
         try:
-            rows = self.store.get(ids)
+            with metrics.stage("get"), metrics.milvus_call("get"):
+                rows = self.store.get(ids)
         except LookupError as exc:
             return _error(str(exc))
         return [{**r, "embedding": [float(v) for v in r["embedding"]], "box": list(r["box"])} for r in rows]
@@ -143,7 +158,15 @@ class IndexCore:
         self._pending.append((write, future))
         if self._committer is None or self._committer.done():
             self._committer = asyncio.create_task(self._commit_loop())
-        return await future
+        m, start = metrics.get(), time.monotonic()
+        self._unacked += 1
+        m.writes_pending.set(self._unacked)
+        try:
+            return await future
+        finally:
+            self._unacked -= 1
+            m.writes_pending.set(self._unacked)
+            m.write_ack_seconds.observe(time.monotonic() - start)
 
     async def _commit_loop(self) -> None:
         # Writes that arrive while a commit runs wait for the next one: under load each commit takes everything
@@ -160,6 +183,7 @@ class IndexCore:
                 if not future.done():
                     future.set_result(result)
 
+    @metrics.stage("commit")
     def commit(self, writes: list[_Write]) -> list[dict[str, Any]]:
         """Makes writes durable in order: media, one items-log append (fsync), one Milvus upsert and delete.
 
@@ -171,6 +195,7 @@ class IndexCore:
 
         with self._write_lock:
             self.commits += 1
+            metrics.batch("commit", len(writes))
             live = self.store.live_collection()
             if live is None:
                 return [_error("no live collection: run `ootd index` first")] * len(writes)
@@ -193,14 +218,16 @@ class IndexCore:
             if not accepted:
                 return results
             deletes = list(dict.fromkeys(writes[i].image_id for i in accepted if writes[i].op == "delete"))
-            present = {r["id"] for r in self.store.get(deletes, collection=live)} if deletes else set()
+            with metrics.milvus_call("get"):
+                present = {r["id"] for r in self.store.get(deletes, collection=live)} if deletes else set()
             for i in accepted:  # the image first: an acknowledged item always has its crop
                 if writes[i].op == "upsert":
                     self.media.put(writes[i].image_id, writes[i].crop)
-            self.items_log.append(
-                upsert_entry(writes[i].row, writes[i].crop, version) if writes[i].op == "upsert"
-                else delete_entry(writes[i].image_id) for i in accepted
-            )  # fmt: skip
+            with metrics.stage("log_fsync"):
+                self.items_log.append(
+                    upsert_entry(writes[i].row, writes[i].crop, version) if writes[i].op == "upsert"
+                    else delete_entry(writes[i].image_id) for i in accepted
+                )  # fmt: skip
             final: dict[str, _Write] = {}  # the last op per id wins, as in the log
             for i in accepted:
                 w = writes[i]
@@ -215,9 +242,11 @@ class IndexCore:
             rows = [w.row for w in final.values() if w.op == "upsert"]
             gone = [w.image_id for w in final.values() if w.op == "delete"]
             if rows:
-                self.store.upsert(rows, collection=live)
+                with metrics.stage("milvus_write"), metrics.milvus_call("upsert"):
+                    self.store.upsert(rows, collection=live)
             if gone:
-                self.store.delete(gone, collection=live)
+                with metrics.stage("milvus_write"), metrics.milvus_call("delete"):
+                    self.store.delete(gone, collection=live)
                 for image_id in gone:
                     self.media.delete(image_id)
             return results
@@ -268,6 +297,18 @@ class IndexCore:
         by_style = self.store.count_by_style()
         return {"model_version": self.store.model_version(), "collection": live, "count": sum(by_style.values()),
                 "count_by_style": by_style, "embed_dim": self.store.dim}
+
+
+def _collapse(hits: list[Any]) -> list[Any]:
+    """The best hit of each near-duplicate group (`meta.near_dup_of`, set when the index keeps every member)."""
+    seen: set[str] = set()
+    kept = []
+    for hit in hits:
+        group = (hit.meta or {}).get("near_dup_of") or hit.id
+        if group not in seen:
+            seen.add(group)
+            kept.append(hit)
+    return kept
 
 
 def _differs(stored: dict[str, Any] | None, entry: dict[str, Any]) -> bool:

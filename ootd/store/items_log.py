@@ -9,11 +9,16 @@ Records carry the crops-table row contract (`image_id`, `source`, `style`, `widt
 `n_garments`, `fallback`, `crop`) plus `op` (`upsert` | `delete`) and `seq`; upserts also keep what serving
 needs to restore the Milvus row without an encoder (`embedding`, `model_version`, `meta`, `created_at`).
 `seq` is a per-writer monotonic nanosecond clock: exact order within a writer, wall-clock order across writers.
+
+A writer holds an exclusive `flock` on its open segment. `compact` merges the segments no live writer holds (dead
+replicas', closed ones, earlier compactions) into one, keeping the latest record per id (tombstones included: a
+deleted crops-table item must stay deleted), so the log grows with the number of API items, not of API writes.
 """
 
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import logging
 import os
@@ -26,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ootd.decode import check_image_id
+from ootd.store.durable import fsync_dir, write_atomically
 
 if TYPE_CHECKING:
     from ootd.config import Config
@@ -34,6 +40,7 @@ log = logging.getLogger(__name__)
 
 OPS = ("upsert", "delete")
 SEGMENT_SUFFIX = ".jsonl"
+COMPACT_LOCK = ".compact.lock"  # hidden: never listed as a segment
 # The crops-table columns a logged upsert carries (tables.CROP_COLUMNS), so `ootd index` can re-embed it.
 CROP_FIELDS = ("image_id", "source", "style", "width", "height", "box", "det_score", "n_garments", "fallback", "crop")
 
@@ -117,15 +124,17 @@ class ItemsLog:
 
     def entries(self) -> Iterator[dict[str, Any]]:
         """Every intact record of every segment, in `seq` order (crop bytes decoded)."""
-        records = []
+        records: dict[tuple[int, str], dict[str, Any]] = {}
         for path in self.segments():
-            records.extend(_read_segment(path))
-        records.sort(key=lambda r: r["seq"])
-        if records:
+            for record in _read_segment(path):
+                # A compaction killed between its rename and its unlinks leaves a record in two segments.
+                records[(record["seq"], record["image_id"])] = record
+        ordered = [records[key] for key in sorted(records, key=lambda k: k[0])]
+        if ordered:
             with self._lock:
                 # A restarted writer's clock may lag its predecessor's: never hand out a seq that sorts earlier.
-                self._last_seq = max(self._last_seq, records[-1]["seq"])
-        yield from records
+                self._last_seq = max(self._last_seq, ordered[-1]["seq"])
+        yield from ordered
 
     def latest(self) -> dict[str, dict[str, Any]]:
         """The latest record per image id (later `seq` wins): what the API last did to each id."""
@@ -142,6 +151,43 @@ class ItemsLog:
                 os.close(self._fd)
                 self._fd = None
 
+    def compact(self) -> dict[str, int]:
+        """Merges the segments no live writer holds into one, keeping only the latest record per id.
+
+        Safe beside running writers (their segments are skipped) and beside another compaction (it returns at
+        once). Crash-safe: the merged segment is durable before the old ones are removed, and a record found in
+        both is read once.
+
+        Returns:
+            `segments` merged, `records` read from them and `kept`.
+        """
+        stats = {"segments": 0, "records": 0, "kept": 0}
+        with open(self.root / COMPACT_LOCK, "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return stats  # another process is compacting
+            sealed = [p for p in self.segments() if not _held_by_writer(p)]
+            if len(sealed) < 2 and not _has_superseded(sealed):
+                return stats
+            latest: dict[str, dict[str, Any]] = {}
+            for path in sealed:
+                for record in _read_segment(path):
+                    stats["records"] += 1
+                    if record["image_id"] not in latest or latest[record["image_id"]]["seq"] < record["seq"]:
+                        latest[record["image_id"]] = record
+            kept = sorted(latest.values(), key=lambda r: r["seq"])
+            # Named to sort first, as the oldest writer: segments() order is only cosmetic (entries sort by seq).
+            name = f"{min(p.name for p in sealed).split('-', 1)[0]}-compacted-{uuid.uuid4().hex[:8]}{SEGMENT_SUFFIX}"
+            write_atomically(self.root / name, b"".join(_encode(r) for r in kept))
+            for path in sealed:
+                path.unlink(missing_ok=True)
+            fsync_dir(self.root)
+        stats.update(segments=len(sealed), kept=len(kept))
+        log.info("items log compacted: %d segments, %d records → 1 segment, %d records", len(sealed),
+                 stats["records"], len(kept))
+        return stats
+
     def __enter__(self) -> ItemsLog:
         return self
 
@@ -153,7 +199,9 @@ class ItemsLog:
             name = f"{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}{SEGMENT_SUFFIX}"
             self._segment = self.root / name
             self._fd = os.open(self._segment, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-            _fsync_dir(self.root)  # the new name itself must survive a power loss
+            # Held until close or death (the kernel drops it then): compaction leaves a held segment alone.
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            fsync_dir(self.root)  # the new name itself must survive a power loss
         return self._fd
 
 
@@ -187,14 +235,26 @@ def _read_segment(path: Path) -> list[dict[str, Any]]:
     return out
 
 
-def _fsync_dir(path: Path) -> None:
+
+def _held_by_writer(path: Path) -> bool:
+    """Whether a live writer (this process included) still appends to `path`."""
     try:
         fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
+    except FileNotFoundError:
+        return True  # gone under us: not ours to merge
     try:
-        os.fsync(fd)
-    except OSError:  # not every filesystem supports fsync on a directory
-        pass
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
     finally:
-        os.close(fd)
+        os.close(fd)  # closing drops the probe's lock
+    return False
+
+
+def _has_superseded(segments: list[Path]) -> bool:
+    """Whether one segment holds more than one record for an id (worth rewriting alone)."""
+    for path in segments:
+        ids = [r["image_id"] for r in _read_segment(path)]
+        if len(ids) != len(set(ids)):
+            return True
+    return False

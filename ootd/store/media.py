@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 
 from ootd.decode import check_image_id
+from ootd.store.durable import write_atomically
 
 
 class MediaStore:
     """Encoded crop bytes under `<root>/<id[:2]>/<id>.jpg`.
 
     Ids are validated before any path is built, so no caller text ever reaches the filesystem. Local writes go to
-    a temporary name first and are renamed into place: a reader never sees a half-written file.
+    a temporary name first and are renamed into place (`write_atomically`): a reader never sees a half-written
+    file, and a synced put survives a power loss (the Index acknowledges an item only after its crop is stored).
     """
 
     def __init__(self, url: str | os.PathLike):
@@ -45,8 +46,13 @@ class MediaStore:
         check_image_id(image_id)
         return f"{self._root.rstrip('/')}/{image_id[:2]}/{image_id}.jpg"
 
-    def put(self, image_id: str, data: bytes) -> None:
+    def put(self, image_id: str, data: bytes, *, sync: bool = True) -> None:
         """Stores `data` under `image_id`, replacing what was there.
+
+        Args:
+            image_id: the item.
+            data: encoded image bytes.
+            sync: durable before returning (local stores); the index job, which can redo its work, passes False.
 
         Raises:
             ValueError: for a bad id or empty data.
@@ -57,12 +63,7 @@ class MediaStore:
         if self._fs is None:
             final = Path(target)
             final.parent.mkdir(parents=True, exist_ok=True)
-            tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")
-            try:
-                tmp.write_bytes(bytes(data))
-                os.replace(tmp, final)  # atomic on POSIX: readers see the old or the new file, never a part
-            finally:
-                tmp.unlink(missing_ok=True)
+            write_atomically(final, bytes(data), sync=sync)
         else:
             self._fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
             self._fs.pipe_file(target, bytes(data))
@@ -112,3 +113,4 @@ class MediaStore:
 
     def __repr__(self) -> str:
         return f"MediaStore({self.url!r})"
+
