@@ -1,4 +1,8 @@
-"""The Serve app over real HTTP: index job → deploy on the test cluster → every route, bad input and write path."""
+"""The Serve app over real HTTP: index job → deploy on the test cluster → every route, bad input and write path.
+
+The app runs on a Milvus Lite file and on a Milvus standalone server; tests of input validation, which never
+reach Milvus, run on the Lite file only (`lite_only`).
+"""
 
 from __future__ import annotations
 
@@ -15,11 +19,12 @@ import pytest
 
 from ootd.config import with_overrides
 from ootd.styles import STYLES
-from tests.conftest import free_port
+from tests.conftest import free_port, reset_milvus
 from tests.test_index import write_detected_crops
 
 REPO = Path(__file__).resolve().parents[1]
 slow = pytest.mark.slow
+lite_only = pytest.mark.lite_only
 
 API_KEY = "test-secret"
 MAX_IMAGE_BYTES = 200_000
@@ -55,16 +60,27 @@ def train_briefly(tiny_config, crops_dir: Path, models_dir: Path) -> Path:
     return encoder.export(models_dir / version, version=version, labels=STYLES, unlocked_blocks=0)
 
 
-@pytest.fixture(scope="module")
-def app(ray_cluster, ray_session, tiny_config, synthetic_set, tmp_path_factory):
-    """Index job through `ray job submit`, then the app deployed with Serve on a free port; yields its facts."""
+@pytest.fixture(autouse=True)
+def _lite_only(request):
+    """Skips a `lite_only` test on the server: what it checks never reaches Milvus."""
+    callspec = getattr(request.node, "callspec", None)
+    if request.node.get_closest_marker("lite_only") and callspec and callspec.params.get("app") == "standalone":
+        pytest.skip("input validation does not depend on the Milvus backend: checked on the Lite file")
+
+
+@pytest.fixture(scope="module", params=["lite", "standalone"])
+def app(request, ray_cluster, ray_session, tiny_config, synthetic_set, tmp_path_factory):
+    """Index job through `ray job submit` into a Lite file or an emptied Milvus server, then the app deployed with
+    Serve on a free port; yields its facts."""
     import requests
     from ray import serve
 
     from ootd.serve.app import APP_NAME, make_app
 
     root = tmp_path_factory.mktemp("serve")
-    overrides = [f"store.uri={root / 'milvus.db'}", f"store.media={root / 'media'}", f"data.workdir={root}",
+    uri = (reset_milvus(request.getfixturevalue("milvus_standalone")) if request.param == "standalone"
+           else str(root / "milvus.db"))
+    overrides = [f"store.uri={uri}", f"store.media={root / 'media'}", f"data.workdir={root}",
                  "detect.num_cpus=0.25", "serve.max_replicas=1", f"serve.api_key={API_KEY}",
                  f"serve.max_image_bytes={MAX_IMAGE_BYTES}"]
     cfg = with_overrides(tiny_config, overrides)
@@ -90,6 +106,7 @@ def app(ray_cluster, ray_session, tiny_config, synthetic_set, tmp_path_factory):
         assert requests.get(f"{url}/readyz", timeout=HTTP_TIMEOUT).status_code == 200
         table = pq.read_table(crops).to_pandas()
         yield {"url": url, "cfg": cfg, "table": table, "version": model_dir.name, "root": root,
+               "backend": request.param,
                "sources": [Path(s) for s in table["source"]]}
     finally:
         serve.shutdown()
@@ -216,6 +233,7 @@ def test_health_readiness_docs_and_gallery(app):
 
 
 @slow
+@lite_only
 def test_no_saved_config_or_model_file_holds_the_api_key(app):
     """The index job got `--set serve.api_key=...`: every config.yaml and model json it wrote has it redacted."""
     saved = [*app["root"].rglob("config.yaml"), *app["root"].rglob("*.json")]
@@ -381,6 +399,7 @@ def test_recommend_moves_towards_liked_styles_and_excludes_rated(app):
 
 
 @slow
+@lite_only
 def test_non_image_bytes_are_a_422(app):
     """A well-formed request whose `image` is no photo is unprocessable content (422), as the README says."""
     resp = _post_image(app["url"], "/v1/embed", b"this is plain text, not a photo")
@@ -393,6 +412,7 @@ def test_non_image_bytes_are_a_422(app):
 
 
 @slow
+@lite_only
 def test_image_formats_outside_the_allow_list_are_a_415(app):
     from PIL import Image
 
@@ -403,6 +423,7 @@ def test_image_formats_outside_the_allow_list_are_a_415(app):
 
 
 @slow
+@lite_only
 def test_empty_bodies_are_a_400(app):
     import requests
 
@@ -415,6 +436,7 @@ def test_empty_bodies_are_a_400(app):
 
 
 @slow
+@lite_only
 def test_images_over_the_size_limit_are_a_413(app):
     import requests
 
@@ -433,6 +455,7 @@ def test_images_over_the_size_limit_are_a_413(app):
 
 
 @slow
+@lite_only
 def test_wrong_content_types_are_a_415(app):
     import requests
 
@@ -449,6 +472,7 @@ def test_wrong_content_types_are_a_415(app):
 
 
 @slow
+@lite_only
 def test_malformed_json_is_a_422(app):
     import requests
 
@@ -461,6 +485,7 @@ def test_malformed_json_is_a_422(app):
 
 
 @slow
+@lite_only
 @pytest.mark.parametrize("top_k", [0, 10000, -1, "many"])
 def test_top_k_out_of_range_is_a_422(app, top_k):
     resp = _post_json(app["url"], "/v1/search", {"vector": [0.1] * 128, "top_k": top_k})
@@ -471,6 +496,7 @@ def test_top_k_out_of_range_is_a_422(app, top_k):
 
 
 @slow
+@lite_only
 def test_unknown_style_is_a_422(app):
     resp = _post_json(app["url"], "/v1/search", {"vector": [0.1] * 128, "styles": ["Baroque"]})
     assert resp.status_code == 422 and "Baroque" not in resp.text.split("Input should be")[0]
@@ -483,6 +509,7 @@ def test_unknown_style_is_a_422(app):
 
 
 @slow
+@lite_only
 def test_vectors_of_the_wrong_length_or_values_are_a_422(app):
     resp = _post_json(app["url"], "/v1/search", {"vector": [0.1] * 127})
     assert resp.status_code == 422 and "128" in _detail(resp)
@@ -537,6 +564,7 @@ def test_writes_without_the_right_api_key_are_a_401_and_write_nothing(app):
 
 
 @slow
+@lite_only
 def test_bad_item_fields_are_a_422(app):
     photo, key = _fresh_photo("Minimal", 300), {"x-api-key": API_KEY}
     resp = _post_image(app["url"], "/v1/items", photo, fields={"meta": "{not json"}, headers=key)
@@ -574,6 +602,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 
 
 @slow
+@lite_only
 @pytest.mark.browser
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian chromium is not installed (make test installs it)")
 def test_gallery_uploads_a_photo_and_renders_results_in_chromium(app, tmp_path):
