@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -200,13 +201,14 @@ def test_replay_restores_what_milvus_lost_and_removes_what_was_deleted(core_conf
         core.store.delete([sha(0)])
         core.store.upsert([row(4)])
         core.media.delete(sha(0))
+        Path(core.media.path(sha(1))).write_bytes(b"")  # an unsynced crop a power loss cut short
     finally:
         core.store.close()
     restarted = _live_core(core_config)
     try:
         assert restarted.replayed == {"upserted": 1, "deleted": 1}
         assert {r["id"] for r in restarted.store.get([sha(n) for n in range(5)])} == {sha(n) for n in range(4)}
-        assert restarted.media.get(sha(0)) == b"jpeg-0"
+        assert restarted.media.get(sha(0)) == b"jpeg-0" and restarted.media.get(sha(1)) == b"jpeg-1"
     finally:
         restarted.store.close()
     again = _live_core(core_config)

@@ -92,6 +92,18 @@ class MediaStore:
         target = self.path(image_id)
         return Path(target).is_file() if self._fs is None else bool(self._fs.exists(target))
 
+    def size(self, image_id: str) -> int | None:
+        """Bytes stored under the id, or None when there are none.
+
+        Raises:
+            ValueError: for a bad id.
+        """
+        target = self.path(image_id)
+        try:
+            return Path(target).stat().st_size if self._fs is None else int(self._fs.size(target))
+        except (FileNotFoundError, OSError):
+            return None
+
     def delete(self, image_id: str) -> bool:
         """Removes the bytes of `image_id`; returns whether there were any.
 
