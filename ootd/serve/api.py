@@ -33,6 +33,7 @@ from ootd.serve.contract import (
 from ootd.serve.parsing import (
     FLOAT32_MAX,
     MAX_IDS,
+    MAX_TOP_K,
     form_item_fields,
     form_list,
     image_from,
@@ -46,7 +47,6 @@ from ootd.store.rows import Hit
 from ootd.styles import STYLES
 
 STATIC_DIR = Path(__file__).parent / "static"
-MAX_TOP_K = 100
 MAX_JSON_BYTES = 1 << 20
 RETRY_AFTER = "1"  # seconds a client should wait after a 503 (a replica restarting, no live collection yet)
 

@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from ootd.serve.parsing import MAX_IDS, MAX_SOURCE_CHARS
+from ootd.serve.parsing import MAX_IDS, MAX_SOURCE_CHARS, MAX_TOP_K
 from ootd.styles import STYLES
 
 API_KEY_SCHEME = "apiKey"
@@ -87,7 +87,7 @@ SEARCH_FORM = {
     "required": ["image"],
     "properties": {
         "image": IMAGE_PART,
-        "top_k": {"type": "integer", "minimum": 1, "maximum": 100, "default": 10},
+        "top_k": {"type": "integer", "minimum": 1, "maximum": MAX_TOP_K, "default": 10},
         # Patterns, so a request the schema calls valid is one the server accepts.
         "styles": {"type": "string", "pattern": STYLES_FIELD, "description": "comma-separated style names"},
         "exclude_ids": {"type": "string", "pattern": IDS_FIELD, "description": "comma-separated ids"},

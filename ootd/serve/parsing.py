@@ -16,6 +16,7 @@ from ootd.styles import STYLES
 FORM_OVERHEAD = 64 << 10  # multipart boundaries and text fields beside the image
 IMAGE_TYPES = ("image/", "application/octet-stream")
 MAX_IDS = 1000  # ids in one exclude list / recommend request: keeps the Milvus filter expression bounded
+MAX_TOP_K = 100  # results per search over HTTP (a page a client shows), far below Milvus' own ceiling
 MAX_JSON_DEPTH = 32  # the request models nest 2 levels deep
 FLOAT32_MAX = 3.4028234663852886e38
 # `source` in characters: at most 4 UTF-8 bytes each, so any source this long fits the column's byte limit, and the
