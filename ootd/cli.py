@@ -311,7 +311,8 @@ def index(
                                                                "detect.concurrency.")] = None,
     num_cpus: Annotated[float | None, typer.Option(min=0, help="CPUs per actor; default: detect.num_cpus.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Crops per encoder forward pass.")] = 32,
-    device: Annotated[str, typer.Option(help="cpu or cuda (one GPU per actor).")] = "cpu",
+    device: Annotated[str | None, typer.Option(help="cpu, cuda (one GPU per actor) or auto; default: "
+                                                    "model.device.")] = None,
     config: ConfigOpt = "default",
     overrides: SetOpt = None,
     address: AddressOpt = None,

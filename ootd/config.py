@@ -86,6 +86,8 @@ class DetectConfig:
     # Ray Data actor pool: number of detector actors and CPUs each one reserves.
     concurrency: int = _bounded(1, lo=1)
     num_cpus: float = _bounded(1.0, lo=0.0)
+    # cpu, cuda, an ultralytics device ("0", "0,1"), or auto = cuda when the cluster has a GPU; actors reserve
+    # the GPUs their device needs.
     device: str = "cpu"
 
 
@@ -102,6 +104,9 @@ class ModelConfig:
     unlocked_blocks: int = _bounded(2, lo=0)
     # Inference precision; bf16 runs on CPU too (autocast).
     precision: Literal["fp32", "bf16"] = "fp32"
+    # Where the encoder runs for inference (index job actors, Serve Encoder replicas): auto = cuda when the
+    # cluster has a GPU (each actor/replica then reserves one), cpu, or cuda.
+    device: str = "auto"
     # Never fetch weights unless the user asked for it (DESIGN §5).
     allow_download: bool = False
 

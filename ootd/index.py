@@ -14,6 +14,7 @@ from ootd.config import Config, absolute_paths, save_config
 from ootd.decode import InputError, decode_crop
 from ootd.logs import quiet_libraries
 from ootd.model.modeldir import model_info
+from ootd.placement import device_gpus, resolve_device
 from ootd.store.media import MediaStore
 from ootd.store.rows import check_fields
 from ootd.tables import CROP_COLUMNS, crops_files, write_rows
@@ -87,7 +88,7 @@ def run_index(
     concurrency: int | None = None,
     num_cpus: float | None = None,
     batch_size: int = 32,
-    device: str = "cpu",
+    device: str | None = None,
     upsert_rows: int = UPSERT_ROWS,
 ) -> dict[str, Any]:
     """Embeds every crop and every API item with one model and makes the result the live collection.
@@ -117,7 +118,8 @@ def run_index(
         concurrency: embedding actors; default `detect.concurrency` (the ingest-time actor pool size).
         num_cpus: CPUs per embedding actor; default `detect.num_cpus`.
         batch_size: crops per actor call and per encoder forward pass.
-        device: torch device for the actors (`cuda` reserves one GPU per actor).
+        device: torch device for the actors; default `model.device` (`auto`: cuda when the cluster has a GPU).
+            A cuda device reserves one GPU per actor.
         upsert_rows: rows per Milvus upsert (the driver holds at most about this many rows at once).
 
     Returns:
@@ -159,7 +161,7 @@ def run_index(
     if api_items:
         ds = ds.union(ray.data.from_arrow(pa.Table.from_pylist(api_items, schema=_input_schema())))
         del api_items
-    use_gpu = device.startswith("cuda")
+    device = resolve_device(device or config.model.device)
     ds = ds.map_batches(
         EmbedCrops,
         fn_constructor_kwargs={"model_dir": str(model_dir), "media_url": config.store.media,
@@ -168,7 +170,7 @@ def run_index(
         batch_format="numpy",
         concurrency=concurrency or config.detect.concurrency,
         num_cpus=config.detect.num_cpus if num_cpus is None else num_cpus,
-        num_gpus=1 if use_gpu else 0,
+        num_gpus=device_gpus(device),
     )
 
     written, error_rows = 0, []

@@ -17,6 +17,16 @@ def gpu_requested(config: Config) -> bool:
     return ray.cluster_resources().get("GPU", 0) >= config.train.num_workers
 
 
+def resolve_device(spec: str) -> str:
+    """A device setting as the driver resolves it for its actors: `auto` is `cuda` when the connected cluster has a
+    GPU, else `cpu`; anything else is returned as given (`cpu`, `cuda`, `cuda:1`, ultralytics' `0`)."""
+    if (spec or "cpu").strip().lower() != "auto":
+        return spec or "cpu"
+    import ray
+
+    return "cuda" if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1 else "cpu"
+
+
 def device_gpus(device: str) -> int:
     """GPUs an actor must reserve to run on `device` (torch or ultralytics spelling: cpu, cuda, cuda:0, 0, 0,1).
 

@@ -31,14 +31,14 @@ import shutil
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ootd.ingest.near_dup import PHash, assign_near_dups
 from ootd.ingest.sources import Input, list_inputs
 from ootd.ingest.stages import DetectCrop, FetchHash, WriteTables, decode_batch, hash_batch, stats_row
-from ootd.placement import device_gpus
+from ootd.placement import device_gpus, resolve_device
 from ootd.tables import (
     CROPS_DIR,
     ERRORS_DIR,
@@ -306,7 +306,8 @@ def _crop_pass(config: Config, items: list[dict], limits: dict[str, int], stagin
     """Pass 2: decode tasks → detector actors → one writer actor; yields the writer's one-row stats batches."""
     import ray
 
-    data, detect = config.data, config.detect
+    data = config.data
+    detect = replace(config.detect, device=resolve_device(config.detect.device))  # `auto` decided here
     ds = (
         ray.data.from_items(items, override_num_blocks=_blocks(
             len(items), data.num_blocks, CROP_BATCHES_PER_BLOCK * detect.batch_size))
