@@ -38,7 +38,7 @@ class EmbedCrops:
     """
 
     def __init__(self, model_dir: str, media_url: str, precision: str, batch_size: int, device: str = "cpu"):
-        from ootd.model.encoder import load
+        from ootd.model.export import load
 
         quiet_libraries()
         self.encoder = load(model_dir, device=device)

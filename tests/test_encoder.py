@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 
 from ootd.config import load_config, with_overrides
-from ootd.model.encoder import ModelNotAvailable, StyleEncoder, load, new_model_version
+from ootd.model.encoder import ModelNotAvailable, StyleEncoder, new_model_version
+from ootd.model.export import load
 
 MARQO_CONFIG = Path(__file__).parent / "data" / "marqo_open_clip_config.json"
 REPO = Path(__file__).resolve().parents[1]
@@ -146,7 +147,7 @@ def test_load_in_a_fresh_process_registers_tiny_first(tiny, exported):
     code = (
         "import sys, numpy as np\n"
         "from PIL import Image\n"
-        "from ootd.model.encoder import load\n"
+        "from ootd.model.export import load\n"
         "rng = np.random.default_rng(5)\n"
         "ims = []\n"
         "for _ in range(3):\n"

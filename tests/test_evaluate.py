@@ -134,7 +134,7 @@ def test_variants_use_the_right_model_and_image(evaluated):
 
     from ootd.evaluate.metrics import color_histogram
     from ootd.evaluate.run import frozen_baseline
-    from ootd.model.encoder import load
+    from ootd.model.export import load
 
     rows = _test_rows(evaluated["crops"])
     styles = [r["style"] for r in rows]
@@ -160,7 +160,8 @@ def test_frozen_baseline_is_the_untuned_starting_backbone(evaluated, tiny_config
     import torch
 
     from ootd.evaluate.run import frozen_baseline
-    from ootd.model.encoder import build_encoder, load
+    from ootd.model.encoder import build_encoder
+    from ootd.model.export import load
 
     baseline = frozen_baseline(evaluated["model_dir"]).visual.trunk
     start = build_encoder(tiny_config.model).visual.trunk

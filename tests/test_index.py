@@ -173,7 +173,7 @@ def test_index_fills_a_collection_moves_the_alias_and_reruns_without_duplicates(
     assert again["written"] == n and again["count"] == n  # upsert by id: the rerun adds nothing
 
     from ootd.decode import decode_crop
-    from ootd.model.encoder import load
+    from ootd.model.export import load
 
     first = table.iloc[0]
     vector = load(indexed["a"]).embed([decode_crop(first["crop"])])[0]

@@ -355,7 +355,7 @@ def _submit(ray_cluster, args: list[str], tries: int = 12):
 
 @pytest.mark.slow
 def test_train_job_ddp_exports_a_model_that_beats_the_frozen_backbone(ray_cluster, tmp_path_factory, tiny_config):
-    from ootd.model.encoder import load
+    from ootd.model.export import load
     from ootd.synthetic import write_sample_data
 
     # A bigger set than the session fixture so validation P@10 has enough same-style neighbours to mean something.

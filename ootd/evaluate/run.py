@@ -105,7 +105,7 @@ def evaluate(
         ootd.encoder.ModelNotAvailable: when the model dir or the baseline backbone cannot be loaded.
     """
     from ootd.config import DataConfig
-    from ootd.model.encoder import load
+    from ootd.model.export import load
     from ootd.tables import crops_files
 
     if split not in SPLITS:

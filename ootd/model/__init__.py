@@ -2,7 +2,7 @@
 
 from ootd import lazy_exports
 
-_EXPORTS = {"StyleEncoder": "encoder", "load": "encoder", "build_encoder": "encoder",
+_EXPORTS = {"StyleEncoder": "encoder", "load": "export", "build_encoder": "encoder",
             "ModelNotAvailable": "backbones", "model_info": "modeldir", "make_loss": "losses"}
 __all__ = sorted(_EXPORTS)
 __getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -31,7 +31,7 @@ class OutfitPipeline:
             device: torch device of the encoder.
         """
         from ootd.detect.yolo import Detector
-        from ootd.model.encoder import load
+        from ootd.model.export import load
 
         self.detector = Detector(config.detect)
         self.encoder = load(model_dir, device=device)
