@@ -166,7 +166,8 @@ class Ingress:
     async def search(self, vector: list[float], filters: SearchFilters, model_version: str | None = None
                      ) -> dict[str, Any]:
         query = {"vector": vector, "top_k": filters.top_k, "styles": filters.styles,
-                 "exclude_ids": filters.exclude_ids, "model_version": model_version}
+                 "exclude_ids": filters.exclude_ids, "model_version": model_version,
+                 "collapse": filters.collapse_near_duplicates}
         return _checked(await _with_retry(self.index.search, query))
 
     async def get(self, ids: list[str]) -> list[dict[str, Any]]:
