@@ -173,7 +173,13 @@ def _form_filters(form: Any) -> SearchFilters:
             payload[key] = values
     collapse = form.get("collapse_near_duplicates")
     if isinstance(collapse, str) and collapse.strip():
-        payload["collapse_near_duplicates"] = collapse.strip()  # pydantic reads true/false/1/0
+        # Only the spellings the OpenAPI boolean has in a form: pydantic would also take 1/0/yes/on, which the
+        # documented schema calls invalid (a client relying on them would break on a stricter server).
+        word = collapse.strip().lower()
+        if word not in ("true", "false"):
+            raise HTTPException(422, [{"loc": ["body", "collapse_near_duplicates"], "type": "bool_parsing",
+                                       "msg": "Input should be true or false"}])
+        payload["collapse_near_duplicates"] = word == "true"
     return validate(SearchFilters, payload)
 
 
