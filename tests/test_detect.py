@@ -14,6 +14,7 @@ import pytest
 
 from ootd.config import load_config
 from ootd.detect.boxes import box_iou
+from ootd.detect.runtime import cache_dir
 from ootd.detect.yolo import ASSETS_DIR, Detector, keep_torch_threads, resolve_weights
 from ootd.styles import STYLES
 from ootd.synthetic import render_outfit
@@ -179,7 +180,7 @@ from ootd.config import load_config
 det = ootd.detect.yolo.Detector(load_config("tiny").detect)
 det.detect([__import__("numpy").zeros((64, 64, 3), "uint8")])
 from ultralytics.utils import SETTINGS
-assert os.environ["YOLO_OFFLINE"] == "1"
+assert os.environ["YOLO_OFFLINE"] == "1" and os.environ["YOLO_AUTOINSTALL"] == "false"
 assert "OMP_NUM_THREADS" not in os.environ, os.environ.get("OMP_NUM_THREADS")
 assert torch.get_num_threads() == 2, torch.get_num_threads()
 assert SETTINGS["sync"] is False and SETTINGS["raytune"] is False and SETTINGS["mlflow"] is False
@@ -188,6 +189,7 @@ print("ok")
 """
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "YOLO_CONFIG_DIR")}
     env["XDG_CACHE_HOME"] = str(tmp_path)
+    env["OOTD_CACHE_DIR"] = str(cache_dir().parent)  # reuse this session's detector export rather than rebuild it
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

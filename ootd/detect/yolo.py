@@ -1,8 +1,13 @@
-"""YOLO garment detection, the only ultralytics import in ootd: offline-safe loading and batched boxes."""
+"""YOLO garment detection, the only ultralytics import in ootd: offline-safe loading and batched boxes.
+
+The runtime (PyTorch, ONNX Runtime or OpenVINO, `detect.runtime`) is chosen and exported in ootd.detect.runtime;
+predicting and reading boxes is ultralytics' own code for all of them.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import tempfile
@@ -16,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ootd.detect.boxes import OutfitBox, outfit_box
+from ootd.detect.runtime import Runtime, RuntimeUnavailable, choose, configure_backend
 
 if TYPE_CHECKING:
     from ootd.config import DetectConfig
@@ -25,6 +31,7 @@ ASSETS_DIR = Path(__file__).parents[1] / "assets"
 # Ultralytics integrations that would log to (or phone) an external service from inside training.
 _INTEGRATIONS = ("clearml", "comet", "dvc", "mlflow", "raytune", "tensorboard", "wandb")
 _import_lock = threading.Lock()
+log = logging.getLogger(__name__)
 _ultralytics: ModuleType | None = None
 
 
@@ -115,10 +122,11 @@ def _local_font(font: str = "Arial.ttf") -> Path | str | None:
 def offline_ultralytics() -> ModuleType:
     """Imports ultralytics once, with every network path switched off, and returns the module.
 
-    Before the import: `YOLO_OFFLINE=1` (so its online probe, analytics, auto-installs and update checks stay
-    off) and a private `YOLO_CONFIG_DIR` (its settings file is written on import; a shared or read-only home
-    must not break that). After it: settings sync and all logging integrations off, and `check_font` replaced
-    by a local lookup. Ultralytics also sets `OMP_NUM_THREADS=1` on import; the caller's value is restored so
+    Before the import: `YOLO_OFFLINE=1` (so its online probe, analytics and update checks stay off),
+    `YOLO_AUTOINSTALL=false` (a missing export or runtime package is an error, never a pip install) and a
+    private `YOLO_CONFIG_DIR` (its settings file is written on import; a shared or read-only home must not break
+    that). After it: settings sync, auto-installs and all logging integrations off, and `check_font` replaced by a
+    local lookup. Ultralytics also sets `OMP_NUM_THREADS=1` on import; the caller's value is restored so
     processes started later (Ray workers, data loaders) are not throttled to one thread.
     """
     global _ultralytics
@@ -130,6 +138,7 @@ def offline_ultralytics() -> ModuleType:
         threads = torch.get_num_threads()
         omp = os.environ.get("OMP_NUM_THREADS")
         os.environ["YOLO_OFFLINE"] = "1"
+        os.environ["YOLO_AUTOINSTALL"] = "false"
         if "ultralytics" not in sys.modules:
             os.environ["YOLO_CONFIG_DIR"] = str(_private_config_dir())
         # A Platform API key makes training upload metrics and weights; ootd training stays local.
@@ -158,6 +167,8 @@ def offline_ultralytics() -> ModuleType:
         for module in (checks, data_utils, plotting):
             if hasattr(module, "check_font"):
                 module.check_font = _local_font
+        # The flag is read once on import; an ultralytics imported before this function must not install either.
+        checks.AUTOINSTALL = False
         _keep_pil_open_offline()
         _ultralytics = ultralytics
         return ultralytics
@@ -241,7 +252,10 @@ class Detector:
     """A YOLO garment detector loaded once; turns batches of RGB images into boxes and outfit boxes."""
 
     def __init__(self, cfg: DetectConfig):
-        """Loads the weights named by `cfg.weights` (see `resolve_weights`); never downloads.
+        """Loads the weights named by `cfg.weights` (see `resolve_weights`) on the runtime `cfg.runtime`.
+
+        Never downloads. For onnx/openvino the cached export is used or built once (ootd.detect.runtime), then
+        warmed up with one prediction and held to this process's torch thread count and to fp32.
 
         Args:
             cfg: the detect section of the config.
@@ -249,18 +263,42 @@ class Detector:
         Raises:
             FileNotFoundError: when the weights are not on disk.
             ValueError: when the file is not an ultralytics detection model.
+            RuntimeUnavailable: when an explicit onnx/openvino runtime cannot be built or loaded.
         """
+        import torch
+
         self.cfg = cfg
         self.weights = resolve_weights(cfg.weights)
         ultralytics = offline_ultralytics()
-        with keep_torch_threads():
+        self.runtime: Runtime = choose(cfg.runtime, cfg.device, self.weights, cfg.imgsz)
+        if self.runtime.name == "torch":
+            self._model = self._load(ultralytics, self.runtime)
+        else:
             try:
-                self._model = ultralytics.YOLO(str(self.weights), task="detect")
-            except Exception as exc:  # ultralytics raises many types for a file it cannot read
-                raise ValueError(f"cannot load detector weights {self.weights}: {exc}") from exc
+                self._model = self._load(ultralytics, self.runtime)
+                self._warm_up()
+                configure_backend(self._model, self.runtime, torch.get_num_threads())
+            except Exception as exc:  # noqa: BLE001 - any load failure of an export; auto falls back below
+                if cfg.runtime != "auto":
+                    raise RuntimeUnavailable(f"cannot run detector export {self.runtime.model_path}: {exc}") from exc
+                log.warning("detect.runtime=auto: cannot run the %s export (%s); using PyTorch", self.runtime.name,
+                            exc)  # fmt: skip
+                self.runtime = Runtime("torch", self.weights)
+                self._model = self._load(ultralytics, self.runtime)
         if self._model.task != "detect":
             raise ValueError(f"{self.weights} is a {self._model.task!r} model; ootd needs a detection model")
         self.names: dict[int, str] = {int(k): str(v) for k, v in self._model.names.items()}
+
+    def _load(self, ultralytics: ModuleType, runtime: Runtime) -> Any:
+        with keep_torch_threads():
+            try:
+                return ultralytics.YOLO(str(runtime.model_path), task="detect")
+            except Exception as exc:  # ultralytics raises many types for a file it cannot read
+                raise ValueError(f"cannot load detector weights {runtime.model_path}: {exc}") from exc
+
+    def _warm_up(self) -> None:
+        """One prediction: sets up ultralytics' predictor (and compiles the OpenVINO model) before real work."""
+        self._detect_bgr([np.zeros((self.cfg.imgsz, self.cfg.imgsz, 3), np.uint8)])
 
     def detect(self, images: Sequence[Any]) -> list[Detections]:
         """Detects garments in a batch of images.
