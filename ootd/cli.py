@@ -174,6 +174,13 @@ def train_detector(
     seed: int = 0,
     cache: Annotated[bool, typer.Option(help="Cache decoded images in RAM (faster, not bit-reproducible).")] = False,
     threads: Annotated[int | None, typer.Option(min=1, help="Torch threads; default: as the process has.")] = None,
+    augment: Annotated[str, typer.Option(help="Ultralytics augmentation preset: ultralytics (its defaults) or "
+                                             "domain (stronger colour/geometry/scale jitter).")] = "ultralytics",
+    randomise_per_style: Annotated[int, typer.Option(min=0, help="Domain-randomised photos per style rendered "
+                                                     "into OUT/randomised and added to the train split.")] = 0,
+    randomisation: Annotated[str, typer.Option(help="Randomisation preset of those photos (training; held-out "
+                                                    "is for measuring only).")] = "training",
+    randomise_seed: Annotated[int, typer.Option(help="Seed of the randomised photos.")] = 1000,
     ray_task: Annotated[bool, typer.Option("--ray/--no-ray", help="Train in a Ray task (any node) or here.")] = True,
     num_cpus: Annotated[float, typer.Option(min=0, help="CPUs the Ray task reserves.")] = 1.0,
     num_gpus: Annotated[float | None, typer.Option(min=0, help="GPUs the Ray task reserves; default: 1 unless "
@@ -193,7 +200,9 @@ def train_detector(
     out = out.expanduser().resolve()
     device = device or cfg.detect.device
     kwargs = {"model": model, "epochs": epochs, "imgsz": imgsz or cfg.detect.imgsz, "batch": batch, "device": device,
-              "workers": workers, "seed": seed, "cache": cache, "conf": cfg.detect.conf, "threads": threads}
+              "workers": workers, "seed": seed, "cache": cache, "conf": cfg.detect.conf, "threads": threads,
+              "augment": augment, "randomise_per_style": randomise_per_style, "randomisation": randomisation,
+              "randomise_seed": randomise_seed}
     with _user_errors():
         if ray_task:
             _connect_ray(address)

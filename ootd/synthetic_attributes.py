@@ -3,7 +3,7 @@
 The tiny backbone pretrains here (`ootd.train.pretrain`): every garment's class, colour family, pattern and
 silhouette is sampled on its own, uniformly, from vocabularies that span what the 13 styles use, so the backbone
 learns garment attributes without ever seeing the style taxonomy it is later fine-tuned on. No style, style
-palette or style probability is consulted anywhere in this module; the renderer is `ootd.synthetic`'s.
+palette or style probability is consulted anywhere in this module; the renderer is `ootd.synthetic_render`'s.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ootd.synthetic import BOTTOM, OUTER, RGB, SyntheticPhoto, Wardrobe, _jitter, render_figure
+from ootd.synthetic_render import BOTTOM, OUTER, RGB, SyntheticPhoto, Wardrobe, _jitter, render_figure
 
 # Colour families with a few shades each; together they cover every style palette, but a family is one label.
 COLOR_FAMILIES: dict[str, tuple[RGB, ...]] = {

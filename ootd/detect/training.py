@@ -17,6 +17,15 @@ from ootd.detect.boxes import box_iou, union_box
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 # Arguments that keep ultralytics off the network and out of the working directory whatever the caller passes.
 _OFFLINE_TRAIN_ARGS = {"plots": False, "amp": False, "exist_ok": True}
+# Ultralytics augmentations for domain-randomised training (`augment="domain"`): stronger colour, geometry and
+# scale jitter than the defaults; mosaic is switched off for the last epochs so boxes end on whole photos.
+DOMAIN_AUGMENT: dict[str, Any] = {
+    "hsv_h": 0.02, "hsv_s": 0.6, "hsv_v": 0.45, "degrees": 8.0, "translate": 0.15, "scale": 0.6, "shear": 2.0,
+    "fliplr": 0.5, "flipud": 0.0, "mosaic": 1.0, "mixup": 0.0, "close_mosaic": 5,
+}
+AUGMENT_PRESETS: dict[str, dict[str, Any]] = {"ultralytics": {}, "domain": DOMAIN_AUGMENT}
+# Fine-tuning a trained `.pt` needs no three-epoch warm-up (its high bias learning rate undoes the trained head).
+_FINE_TUNE_ARGS = {"warmup_epochs": 1.0}
 
 
 def train_detector(
@@ -34,13 +43,17 @@ def train_detector(
     conf: float = 0.25,
     threads: int | None = None,
     extra: dict[str, Any] | None = None,
+    augment: str = "ultralytics",
+    randomise_per_style: int = 0,
+    randomisation: str = "training",
+    randomise_seed: int = 1000,
 ) -> dict[str, Any]:
     """Trains a detector on YOLO-format data, validates it and writes it with its metrics.
 
     The architecture comes from an ultralytics model YAML with random init (`pretrained=False`), so nothing is
-    downloaded; a local `.pt` fine-tunes those weights instead. After training, `best.pt` is validated for mAP50
-    and for the median IoU between each val image's predicted outfit box (union of the predicted garments) and
-    its ground-truth outfit box (union of its label boxes).
+    downloaded; a local `.pt` fine-tunes those weights instead (`pretrained=True`, one warm-up epoch). After
+    training, `best.pt` is validated for mAP50 and for the median IoU between each val image's predicted outfit
+    box (union of the predicted garments) and its ground-truth outfit box (union of its label boxes).
 
     Writes to `out_dir`: `best.pt`, `metrics.json` (the returned dict), `train_args.yaml` (every resolved
     ultralytics argument) and `ultralytics/` (the run folder: `results.csv`, `last.pt`).
@@ -60,7 +73,14 @@ def train_detector(
         conf: detection confidence used for the outfit-box evaluation.
         threads: torch threads for training and evaluation (None: the current count). Use 1 on a CPU shared
             with other busy processes: more threads then wait on each other far longer than they compute.
-        extra: further ultralytics train arguments (e.g. `{"lr0": 0.02, "mosaic": 0.5}`).
+        extra: further ultralytics train arguments (e.g. `{"lr0": 0.02, "mosaic": 0.5}`); they win over `augment`.
+        augment: ultralytics augmentation preset: `ultralytics` (its defaults) or `domain` (`DOMAIN_AUGMENT`).
+        randomise_per_style: domain-randomised photos per style added to the training split (0: none). They are
+            rendered into `out_dir/randomised/` (`ootd.synthetic.write_sample_data` with a `Randomisation`, at
+            `imgsz`), and `out_dir/data.yaml` trains on both; validation stays on `data_yaml`'s val split.
+        randomisation: the `ootd.synthetic_domain.PRESETS` entry the added photos are drawn with (never
+            `held-out` in earnest: that variant measures generalisation).
+        randomise_seed: seed of the added photos (keep it apart from the seeds of `data_yaml`'s photos).
 
     Returns:
         Metrics: `map50`, `map50_95`, `precision`, `recall`, `outfit_iou_median`, `outfit_iou_mean`,
@@ -69,6 +89,7 @@ def train_detector(
 
     Raises:
         FileNotFoundError: the data YAML or a local `.pt` model is missing.
+        ValueError: unknown augmentation or randomisation preset.
     """
     import yaml
 
@@ -77,15 +98,25 @@ def train_detector(
     data_yaml = Path(data_yaml).expanduser().resolve()
     if not data_yaml.is_file():
         raise FileNotFoundError(f"dataset YAML not found: {data_yaml}")
+    if augment not in AUGMENT_PRESETS:
+        raise ValueError(f"unknown augment preset {augment!r}; expected one of {', '.join(AUGMENT_PRESETS)}")
     out = Path(out_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     source = _model_source(model)
+    fine_tune = source.endswith(".pt")
+    given_yaml = data_yaml
+    if randomise_per_style > 0:
+        data_yaml = add_randomised_photos(data_yaml, out, per_style=randomise_per_style, seed=randomise_seed,
+                                          size=imgsz, randomisation=randomisation)
 
     ultralytics = offline_ultralytics()
     args: dict[str, Any] = {
         "data": str(data_yaml), "epochs": epochs, "imgsz": imgsz, "batch": batch, "device": device,
-        "workers": workers, "seed": seed, "deterministic": True, "cache": cache, "pretrained": False,
-        "project": str(out), "name": "ultralytics", "verbose": False, **(extra or {}), **_OFFLINE_TRAIN_ARGS,
+        "workers": workers, "seed": seed, "deterministic": True, "cache": cache,
+        # ultralytics drops a loaded checkpoint's weights when pretrained is False: only YAMLs start from random init
+        "pretrained": fine_tune, **(_FINE_TUNE_ARGS if fine_tune else {}),
+        "project": str(out), "name": "ultralytics", "verbose": False, **AUGMENT_PRESETS[augment], **(extra or {}),
+        **_OFFLINE_TRAIN_ARGS,
     }
     started = time.perf_counter()
     with keep_torch_threads(threads):
@@ -115,10 +146,61 @@ def train_detector(
     metrics.update({
         "weights": str(weights), "weights_bytes": weights.stat().st_size, "epochs": epochs, "imgsz": imgsz,
         "model": model, "seed": seed, "threads": threads, "train_seconds": round(train_seconds, 1),
+        "augment": augment, "randomise_per_style": randomise_per_style,
+        "randomisation": randomisation if randomise_per_style > 0 else None, "data": str(given_yaml),
         "ultralytics_version": ultralytics.__version__, "run_dir": str(run_dir),
     })
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def add_randomised_photos(
+    data_yaml: str | Path, out_dir: str | Path, *, per_style: int, seed: int, size: int, randomisation: str
+) -> Path:
+    """Renders domain-randomised photos into `out_dir/randomised/` and writes `out_dir/data.yaml`, which trains on
+    `data_yaml`'s train split plus all of them and validates on `data_yaml`'s val split (absolute paths).
+
+    Args:
+        data_yaml: the dataset YAML being extended.
+        out_dir: folder for the photos and the new YAML.
+        per_style: photos per style.
+        seed: their seed.
+        size: their side in pixels.
+        randomisation: a `ootd.synthetic_domain.PRESETS` name.
+
+    Returns:
+        The new dataset YAML.
+
+    Raises:
+        ValueError: unknown preset, or `data_yaml` lacks a train or val split.
+    """
+    import yaml
+
+    from ootd.synthetic_dataset import write_sample_data
+    from ootd.synthetic_domain import PRESETS
+
+    if randomisation not in PRESETS:
+        raise ValueError(f"unknown randomisation {randomisation!r}; expected one of {', '.join(PRESETS)}")
+    data_yaml = Path(data_yaml).expanduser().resolve()
+    data = yaml.safe_load(data_yaml.read_text()) or {}
+    root = data_yaml.parent / data["path"] if data.get("path") else data_yaml.parent
+
+    def absolute(split: str) -> list[str]:
+        entry = data.get(split)
+        if not entry:
+            raise ValueError(f"{data_yaml}: no {split!r} split")
+        return [str((root / item).resolve()) for item in ([entry] if isinstance(entry, str) else entry)]
+
+    out = Path(out_dir).expanduser().resolve()
+    summary = write_sample_data(out / "randomised", per_style=per_style, seed=seed, size=size, val_fraction=0.0,
+                                overwrite=True, randomisation=PRESETS[randomisation])
+    combined = {
+        "train": [*absolute("train"), str(Path(summary["yolo_dir"]) / "images" / "train")],
+        "val": absolute("val"), "nc": data.get("nc", len(data.get("names", []))), "names": data["names"],
+    }
+    (out / "data.yaml").write_text(f"# {data_yaml} plus {per_style} {randomisation!r}-randomised photos per style "
+                                   f"(seed {seed}).\n" + yaml.safe_dump(combined, sort_keys=False))
+    return out / "data.yaml"
 
 
 # Files of a training run brought back from a Ray task to the output folder (a few MB: weights, metrics, curves).
