@@ -1,11 +1,14 @@
-"""Serve load: /v1/embed and /v1/search throughput and latency over HTTP, each beside its baseline in one run.
+"""Serve load: ootd on Ray Serve, as `ootd serve` deploys it, beside a plain FastAPI peer and the bare-loop ceiling.
 
-(a) /v1/embed (detect → crop → encode, @serve.batch) vs the same `OutfitPipeline` in a bare Python loop at its
-    best batch size (the ceiling: no HTTP, no Ray, no validation);
-(b) /v1/search by vector with searches batched into one Milvus call vs the same app making one Milvus call per
-    request (`make_app(batch_search=False)`).
-Load is a bounded closed loop from this machine (aiohttp, `--duration` seconds per concurrency level); the app
-runs on a local Ray instance started here and stopped at the end. Peak RSS is sampled over this process tree.
+In one invocation, against the same photos, vectors and load client:
+(i)   the bare `OutfitPipeline.run` loop at its best batch size (the ceiling: no HTTP, no Ray, no validation);
+(ii)  `benchmarks/serve_peer.py`: the same pipeline behind plain FastAPI + uvicorn, one process, unbatched, Milvus
+      Lite searched in-process (what a user would write without Ray);
+(iii) `ootd serve --config tiny` with the shipped defaults (a subprocess: the CLI's own path, its own local Ray).
+Each serves POST /v1/embed (multipart photo), /v1/search by photo (multipart) and /v1/search by vector (JSON) at
+every concurrency level. The load client is one asyncio + aiohttp process (pre-encoded bodies) whose own CPU
+seconds per wall second are reported: the two cores are shared by client and server. Server CPU is sampled per
+process group (proxy, ingress, encoder, index, Ray's own daemons) to show where the time goes.
 
     .venv/bin/python benchmarks/serve_load.py                       # tiny model, concurrency 1,8,32
     .venv/bin/python benchmarks/serve_load.py --backbone vit-b-16   # Marqo's ViT-B-16-SigLIP shape, random weights
@@ -15,14 +18,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import copy
 import json
+import multiprocessing
 import os
 import platform
+import signal
+import subprocess
 import sys
 import tempfile
-import threading
 import time
+import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,36 +42,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
 MARQO_CONFIG = REPO / "tests" / "data" / "marqo_open_clip_config.json"
-
-
-class RssSampler:
-    """Peak resident memory of this process and all its descendants (the local Ray node, replicas, Milvus)."""
-
-    def __init__(self, period: float = 0.5):
-        import psutil
-
-        self._me, self._period, self.peak = psutil.Process(), period, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            total = 0
-            for proc in [self._me, *self._me.children(recursive=True)]:
-                try:
-                    total += proc.memory_info().rss
-                except Exception:  # noqa: BLE001 - processes come and go
-                    pass
-            self.peak = max(self.peak, total)
-            self._stop.wait(self._period)
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+BOUNDARY = "ootdbenchboundary"
+ROUTES = {"embed": "/v1/embed", "search_image": "/v1/search", "search_vector": "/v1/search"}
+TITLES = {"embed": "POST /v1/embed (photo)", "search_image": "POST /v1/search by photo (multipart)",
+          "search_vector": "POST /v1/search by vector (JSON, top_k 10)"}
 
 
 def free_port() -> int:
@@ -127,7 +108,7 @@ def clustered_vectors(n: int, dim: int, seed: int = 0):
 
 
 def fill_index(cfg, version: str, n: int) -> None:
-    """A live collection of n clustered vectors for `version` (closed again so the Index replica can open it)."""
+    """A live collection of n clustered vectors for `version` (closed again so a server can open it)."""
     import hashlib
 
     from ootd.store.milvus import MilvusStore
@@ -143,263 +124,311 @@ def fill_index(cfg, version: str, n: int) -> None:
         store.swap_alias(name)
 
 
-def bare_loop(cfg, model_dir: Path, images: list[bytes], batch_sizes: list[int], threads: list[int],
-              seconds: float) -> dict[tuple[int, int], float]:
-    """Images/s of `OutfitPipeline.run` called directly, per (torch threads, batch size): the ceiling /v1/embed
-    is held against. Thread counts are tried because OpenMP threads spin badly when other work shares the cores."""
-    import torch
-
+def bare_loop(cfg, model_dir: Path, images: list[bytes], batch_sizes: list[int], seconds: float
+              ) -> dict[int, float]:
+    """Images/s of `OutfitPipeline.run` called directly per batch size, torch on its default threads: the
+    ceiling /v1/embed is held against."""
     from ootd.serve.pipeline import OutfitPipeline
 
     pipeline = OutfitPipeline(cfg, model_dir)
     pipeline.run(images[:2])  # warm-up: lazy inits, allocator
     rates = {}
-    for t in threads:
-        torch.set_num_threads(t)
-        for bs in batch_sizes:
-            done, start, i = 0, time.perf_counter(), 0
-            while time.perf_counter() - start < seconds or done == 0:
-                batch = [images[(i + k) % len(images)] for k in range(bs)]
-                i += bs
-                results = pipeline.run(batch)
-                assert all("embedding" in r for r in results)
-                done += bs
-            rates[(t, bs)] = done / (time.perf_counter() - start)
-            print(f"bare loop threads={t} batch={bs}: {rates[(t, bs)]:.1f} img/s", flush=True)
+    for bs in batch_sizes:
+        done, start, i = 0, time.perf_counter(), 0
+        while time.perf_counter() - start < seconds or done == 0:
+            results = pipeline.run([images[(i + k) % len(images)] for k in range(bs)])
+            assert all("embedding" in r for r in results)
+            i, done = i + bs, done + bs
+        rates[bs] = done / (time.perf_counter() - start)
+        print(f"bare loop batch={bs}: {rates[bs]:.1f} img/s", flush=True)
     return rates
 
 
-def milvus_direct(cfg, dim: int, batch: int, seconds: float) -> tuple[float, float]:
-    """Queries/s of the store itself: `batch` single-query calls vs one call with `batch` queries."""
-    from ootd.store.milvus import MilvusStore
-
-    queries = clustered_vectors(batch, dim, seed=2)
-    rates = []
-    with MilvusStore.from_config(cfg.store, dim=dim) as store:
-        store.search(queries, 10)  # warm-up: loads the (sealed, indexed) segments
-        for calls in ([q[None, :] for q in queries], [queries]):
-            done, start = 0, time.perf_counter()
-            while time.perf_counter() - start < seconds or done == 0:
-                for call in calls:
-                    store.search(call, 10)
-                done += batch
-            rates.append(done / (time.perf_counter() - start))
-    return rates[0], rates[1]
+# -- the load client (its own process) ---------------------------------------------------------------------------
 
 
-async def _handle_load(concurrency: int, seconds: float, dim: int) -> dict[str, float]:
-    """Closed-loop load on the Index deployment through a DeploymentHandle (no HTTP, no ingress)."""
-    from ray import serve
-
-    from ootd.serve.app import APP_NAME
-
-    handle = serve.get_deployment_handle("Index", app_name=APP_NAME)
-    queries = [{"vector": v.tolist(), "top_k": 10, "styles": None, "exclude_ids": None, "model_version": None}
-               for v in clustered_vectors(512, dim, seed=1)]
-    latencies: list[float] = []
-    deadline = time.perf_counter() + seconds
-
-    async def worker(w: int) -> None:
-        k = w
-        while time.perf_counter() < deadline:
-            start = time.perf_counter()
-            result = await handle.search.remote(queries[k % len(queries)])
-            assert "hits" in result, result
-            latencies.append(time.perf_counter() - start)
-            k += concurrency
-
-    start = time.perf_counter()
-    await asyncio.gather(*(worker(w) for w in range(concurrency)))
-    elapsed = time.perf_counter() - start
-    return load_summary(latencies, elapsed)
+def multipart(image: bytes, fields: dict[str, str] | None = None) -> bytes:
+    """A multipart/form-data body with the photo as `image` (built once, so the client spends no CPU on it)."""
+    parts = [f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+             for k, v in (fields or {}).items()]
+    parts.append(f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image"; filename="photo.jpg"\r\n'
+                 f"Content-Type: image/jpeg\r\n\r\n".encode() + image + b"\r\n")
+    return b"".join(parts) + f"--{BOUNDARY}--\r\n".encode()
 
 
-def handle_levels(levels: list[int], seconds: float, dim: int) -> dict[int, dict[str, float]]:
-    asyncio.run(_handle_load(2, min(3.0, seconds), dim))
-    return {c: asyncio.run(_handle_load(c, seconds, dim)) for c in levels}
+def bodies(kind: str, images: list[bytes], dim: int) -> tuple[list[bytes], str]:
+    """Pre-encoded request bodies of one kind and their content type."""
+    if kind == "search_vector":
+        return ([json.dumps({"vector": v.tolist(), "top_k": 10}).encode() for v in clustered_vectors(512, dim, 1)],
+                "application/json")
+    fields = {"top_k": "10"} if kind == "search_image" else None
+    return [multipart(i, fields) for i in images], f"multipart/form-data; boundary={BOUNDARY}"
 
 
-async def _load(url: str, concurrency: int, seconds: float, make_request) -> dict[str, float]:
-    """Closed-loop load: `concurrency` workers send back-to-back requests for `seconds`."""
+async def _load(url: str, payloads: list[bytes], ctype: str, concurrency: int, seconds: float) -> dict:
+    """Closed loop: `concurrency` workers send back-to-back requests for `seconds`; latency, errors, client CPU."""
     import aiohttp
 
     latencies: list[float] = []
-    errors = 0
-    deadline = time.perf_counter() + seconds
+    errors: dict[int, int] = {}
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=300)) as session:
+        deadline = time.perf_counter() + seconds
+
         async def worker(w: int) -> None:
-            nonlocal errors
             k = w
             while time.perf_counter() < deadline:
                 start = time.perf_counter()
-                async with make_request(session, url, k) as resp:
+                async with session.post(url, data=payloads[k % len(payloads)],
+                                        headers={"content-type": ctype}) as resp:
                     await resp.read()
                     if resp.status != 200:
-                        errors += 1
+                        errors[resp.status] = errors.get(resp.status, 0) + 1
                 latencies.append(time.perf_counter() - start)
                 k += concurrency
 
-        start = time.perf_counter()
+        cpu, start = time.process_time(), time.perf_counter()
         await asyncio.gather(*(worker(w) for w in range(concurrency)))
-        elapsed = time.perf_counter() - start
-    return load_summary(latencies, elapsed, errors)
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return {**load_summary(latencies, elapsed, sum(errors.values())), "client_cpu": cpu / elapsed,
+            "statuses": errors, "elapsed": elapsed}
 
 
-def run_levels(url: str, levels: list[int], seconds: float, make_request) -> dict[int, dict[str, float]]:
-    asyncio.run(_load(url, 2, min(3.0, seconds), make_request))  # warm-up: replicas, connections, batch loops
-    return {c: asyncio.run(_load(url, c, seconds, make_request)) for c in levels}
+def client_run(url: str, payloads: list[bytes], ctype: str, concurrency: int, seconds: float) -> dict:
+    """One load level, in the client process."""
+    return asyncio.run(_load(url, payloads, ctype, concurrency, seconds))
 
 
-def embed_request(images: list[bytes]):
-    import aiohttp
-
-    def make(session, url, k):
-        form = aiohttp.FormData()
-        form.add_field("image", images[k % len(images)], filename="photo.jpg", content_type="image/jpeg")
-        return session.post(f"{url}/v1/embed", data=form)
-
-    return make
+# -- server CPU by role -------------------------------------------------------------------------------------------
 
 
-def search_request(dim: int, n: int = 512):
-    queries = [json.dumps({"vector": v.tolist(), "top_k": 10}) for v in clustered_vectors(n, dim, seed=1)]
-
-    def make(session, url, k):
-        return session.post(f"{url}/v1/search", data=queries[k % n], headers={"content-type": "application/json"})
-
-    return make
-
-
-def deploy(cfg, model_dir: Path, port: int, batch_search: bool) -> str:
-    import urllib.request
-
-    from ray import serve
-
-    from ootd.serve.app import APP_NAME, make_app
-
-    serve.run(make_app(cfg, model_dir=model_dir, batch_search=batch_search), name=APP_NAME, route_prefix="/")
-    url = f"http://127.0.0.1:{port}"
-    with urllib.request.urlopen(f"{url}/readyz", timeout=120) as resp:
-        assert json.loads(resp.read())["ready"], "app not ready"
-    return url
+def role(proc) -> str:
+    """A process's part in the serving path, from its Ray process title or command line."""
+    try:
+        title = " ".join(proc.cmdline()) or proc.name()
+    except Exception:  # noqa: BLE001 - gone
+        return "gone"
+    for key, name in (("ProxyActor", "proxy"), ("Ingress", "ingress"), ("Encoder", "encoder"),
+                      ("Index", "index"), ("ServeController", "controller"), ("serve_peer", "peer")):
+        if key in title:
+            return name
+    return "ray daemons" if any(k in title for k in ("raylet", "gcs_server", "dashboard", "log_monitor",
+                                                      "runtime_env", "monitor.py")) else "other"
 
 
-def fmt_table(title: str, ours: str, base: str, rows: list[tuple]) -> list[str]:
-    lines = [f"### {title}", "", f"| concurrency | {ours} req/s | p50 ms | p99 ms | {base} | ratio |",
-             "|---:|---:|---:|---:|---:|---:|"]
-    for c, r, baseline_text, ratio in rows:
-        lines.append(f"| {c} | {r['rps']:.1f} | {r['p50']:.1f} | {r['p99']:.1f} | {baseline_text} | {ratio:.2f} |"
-                     + (f" ({r['errors']} errors)" if r["errors"] else ""))
-    return [*lines, ""]
+def busy_cpu() -> float:
+    """CPU seconds the whole machine has spent busy since boot."""
+    import psutil
+
+    t = psutil.cpu_times()
+    return sum(t) - t.idle - getattr(t, "iowait", 0.0)
+
+
+def tree_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds so far of `pid` and its descendants, summed by role."""
+    import psutil
+
+    out: dict[str, float] = {}
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return out
+    for proc in procs:
+        try:
+            t = proc.cpu_times()
+            name = "cli/driver" if proc.pid == pid and role(proc) == "other" else role(proc)
+            out[name] = out.get(name, 0.0) + t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+# -- the servers under test ---------------------------------------------------------------------------------------
+
+
+def wait_ready(url: str, path: str, proc: subprocess.Popen, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(f"{url}{path}", timeout=10) as resp:
+                if resp.status == 200:
+                    return
+        except Exception:  # noqa: BLE001 - not up yet
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{url}{path} not ready after {timeout:.0f} s")
+
+
+def stop(proc: subprocess.Popen, timeout: float = 180) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def measure(name: str, proc: subprocess.Popen, url: str, kinds: list[str], levels: list[int], seconds: float,
+            pool, payloads: dict) -> dict:
+    """Every kind × level against one server: load summaries and the server's CPU seconds per role."""
+    results: dict = {}
+    for kind in kinds:
+        data, ctype = payloads[kind]
+        pool.submit(client_run, url + ROUTES[kind], data, ctype, 2, min(3.0, seconds)).result()  # warm-up
+        for c in levels:
+            before, machine = tree_cpu(proc.pid), busy_cpu()
+            r = pool.submit(client_run, url + ROUTES[kind], data, ctype, c, seconds).result()
+            after, machine = tree_cpu(proc.pid), busy_cpu() - machine
+            r["server_cpu"] = {k: (after.get(k, 0.0) - before.get(k, 0.0)) for k in after}
+            # What the rest of the machine took meanwhile (other users of a shared machine): the noise floor.
+            r["others_cpu"] = max(0.0, machine - sum(r["server_cpu"].values()) - r["client_cpu"] * r["elapsed"]
+                                  ) / r["elapsed"]
+            results[(kind, c)] = r
+            print(f"{name} {kind} c={c}: {r['rps']:.1f} req/s p50 {r['p50']:.1f} ms p99 {r['p99']:.1f} ms "
+                  f"client cpu {r['client_cpu']:.2f} others {r['others_cpu']:.2f} errors {r['statuses']}; "
+                  f"server CPU ms/request {cpu_split(r)}",
+                  flush=True)
+    return results
+
+
+def server_env() -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env["RAY_ADDRESS"] = "local"  # its own Ray instance: never another `ray start` cluster on this machine
+    return env
+
+
+def run_peer(config: str, overrides: list[str], model_dir: Path, **kw) -> dict:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "serve_peer.py"), "--config", config,
+                             "--model-dir",
+                             str(model_dir), "--port", str(port), *[a for o in overrides for a in ("--set", o)]],
+                            env=server_env())
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", "/healthz", proc)
+        return measure("peer", proc, f"http://127.0.0.1:{port}", **kw)
+    finally:
+        stop(proc)
+
+
+def run_ootd(config: str, overrides: list[str], model_dir: Path, extra: list[str], **kw) -> dict:
+    """`ootd serve --config <config>` as a user runs it (plus only the store paths and a free port)."""
+    port = free_port()
+    cmd = [str(Path(sys.executable).with_name("ootd")), "serve", "--config", config, "--model-dir", str(model_dir),
+           *[a for o in [*overrides, f"serve.port={port}", *extra] for a in ("--set", o)]]
+    proc = subprocess.Popen(cmd, env=server_env())
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", "/readyz", proc)
+        return measure("ootd", proc, f"http://127.0.0.1:{port}", **kw)
+    finally:
+        stop(proc)
+
+
+# -- report -------------------------------------------------------------------------------------------------------
+
+
+def cell(r: dict) -> str:
+    errors = f" ({r['errors']} errors)" if r["errors"] else ""
+    return f"{r['rps']:.1f}{errors} | {r['p50']:.0f} | {r['p99']:.0f} | {r['client_cpu']:.2f} | {r['others_cpu']:.2f}"
+
+
+def cpu_split(r: dict) -> str:
+    """Server CPU milliseconds per request: the total, then by role (largest first)."""
+    per = {k: 1000 * v / max(r["n"], 1) for k, v in r["server_cpu"].items()}
+    return f"{sum(per.values()):.1f} (" + ", ".join(
+        f"{k} {v:.1f}" for k, v in sorted(per.items(), key=lambda kv: -kv[1]) if v >= 0.2) + ")"
+
+
+def report(args, kinds, levels, ceiling, peer, ootd, load) -> list[str]:
+    lines = [f"## serve_load ({args.backbone} encoder, config {args.config}, {platform.machine()}, "
+             f"{os.cpu_count()} CPUs, {args.duration:.0f} s per level, {args.photos} photos of {args.photo_size} "
+             f"px, index of {args.index_size:,} vectors)", ""]
+    best = max(ceiling.values()) if ceiling else None
+    if ceiling:
+        lines += ["Bare `OutfitPipeline.run` loop (ceiling), img/s by batch size: "
+                  + ", ".join(f"{b}: {v:.1f}" for b, v in ceiling.items()) + f"; best {best:.1f}.", ""]
+    blank = "- | - | - | - | -"
+    for kind in kinds:
+        with_ceiling = kind == "embed" and best
+        lines += [f"### {TITLES[kind]}", "",
+                  "| concurrency | peer req/s | p50 ms | p99 ms | client CPU | others' CPU | ootd req/s | p50 ms | "
+                  "p99 ms | client CPU | others' CPU | ootd / peer |" + (" ootd / ceiling |" if with_ceiling else ""),
+                  "|---:" * (12 + bool(with_ceiling)) + "|"]
+        for c in levels:
+            p, o = peer.get((kind, c)), ootd.get((kind, c))
+            row = f"| {c} | {cell(p) if p else blank} | {cell(o) if o else blank} | "
+            row += f"{o['rps'] / p['rps']:.2f} |" if p and o else "- |"
+            if with_ceiling:
+                row += f" {o['rps'] / best:.2f} |" if o else " - |"
+            lines.append(row)
+        lines.append("")
+        if ootd:
+            top = max(levels)
+            lines += [f"Server CPU ms per request at concurrency {top}: ootd " + cpu_split(ootd[(kind, top)])
+                      + (f"; peer {cpu_split(peer[(kind, top)])}" if peer else "") + ".", ""]
+    lines += ["Client CPU: the load client's CPU seconds per wall second (one asyncio + aiohttp process, "
+              "pre-encoded bodies). Others' CPU: cores the rest of the machine used meanwhile (other users of a "
+              "shared machine): the noise under that row.",
+              f"ootd: `ootd serve --config {args.config}` with its shipped defaults on its own local Ray instance; "
+              "peer: `benchmarks/serve_peer.py`.", "",
+              f"Load average (1 min) at start {load[0]:.1f}, at end {load[1]:.1f}: the client, the servers and "
+              "anything else on the machine share its cores; compare within one run only.", ""]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", choices=["tiny", "vit-b-16"], default="tiny")
+    parser.add_argument("--config", default=None, help="built-in config of peer and ootd (default: tiny for the "
+                                                       "tiny backbone, default for vit-b-16)")
     parser.add_argument("--concurrency", default="1,8,32", help="comma-separated client concurrency levels")
-    parser.add_argument("--duration", type=float, default=8.0, help="seconds of load per level")
+    parser.add_argument("--duration", type=float, default=15.0, help="seconds of load per level")
     parser.add_argument("--index-size", type=int, default=20_000, help="vectors in the searched collection")
-    parser.add_argument("--photos", type=int, default=52, help="distinct synthetic photos sent to /v1/embed")
+    parser.add_argument("--photos", type=int, default=52, help="distinct synthetic photos sent")
     parser.add_argument("--photo-size", type=int, default=256)
-    parser.add_argument("--batch-sizes", default="1,8,16,32", help="bare-loop batch sizes tried for the ceiling")
-    parser.add_argument("--threads", default="1,2", help="torch thread counts tried for the bare-loop ceiling")
-    parser.add_argument("--max-batch-size", type=int, default=16, help="serve.max_batch_size of the Encoder")
-    parser.add_argument("--encoder-replicas", type=int, default=2)
-    parser.add_argument("--encoder-cpus", type=float, default=0.9, help="CPUs reserved per Encoder replica")
-    parser.add_argument("--search-batch-wait", type=float, default=None,
-                        help="serve.search_batch_wait_s of the Index (default: the config's)")
-    parser.add_argument("--skip", default="", help="comma-separated parts to skip: embed, search")
+    parser.add_argument("--batch-sizes", default="1,8,16", help="bare-loop batch sizes tried for the ceiling")
+    parser.add_argument("--kinds", default="embed,search_image,search_vector")
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: bare, peer, ootd")
+    parser.add_argument("--set", action="append", default=[], dest="extra",
+                        help="extra override for ootd only (experiments; the published table uses none)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "serve_load.md"))
     args = parser.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
+    kinds = [k for k in args.kinds.split(",") if k]
     skip = set(filter(None, args.skip.split(",")))
+    args.config = args.config or ("tiny" if args.backbone == "tiny" else "default")
 
-    import ray
-    import torch
-    from ray import serve
-
-    from ootd.config import load_config, with_overrides
+    from ootd.config import load_config
     from ootd.model.modeldir import model_info
 
     work = Path(tempfile.mkdtemp(prefix="ootd-serve-load-"))
-    port = free_port()
-    cfg = load_config("tiny", [
-        f"store.uri={work / 'milvus.db'}", f"store.media={work / 'media'}", f"data.workdir={work}",
-        f"serve.min_replicas={args.encoder_replicas}", f"serve.max_replicas={args.encoder_replicas}",
-        f"serve.encoder_num_cpus={args.encoder_cpus}", f"serve.max_batch_size={args.max_batch_size}",
-        "serve.ingress_num_cpus=0.05", "serve.index_num_cpus=0.05", f"serve.port={port}",
-    ])  # fmt: skip
-    if args.search_batch_wait is not None:
-        cfg = with_overrides(cfg, [f"serve.search_batch_wait_s={args.search_batch_wait}"])
+    overrides = [f"store.uri={work / 'milvus.db'}", f"store.media={work / 'media'}", f"data.workdir={work}"]
+    cfg = load_config(args.config, overrides)
     model_dir = export_model(args.backbone, cfg.model, work / "models")
     version, _ = model_info(model_dir)
-    if args.backbone != "tiny":
-        cfg = with_overrides(cfg, ["model.embed_dim=128"])
     images = photos(args.photos, args.photo_size)
     fill_index(cfg, version, args.index_size)
-    lines = [f"## serve_load ({args.backbone} encoder, {platform.machine()}, {os.cpu_count()} CPUs, torch "
-             f"{torch.__version__}, {args.duration:.0f} s per level, index of {args.index_size:,} vectors, "
-             f"Index batch wait {cfg.serve.search_batch_wait_s * 1000:.0f} ms)", ""]
+    payloads = {k: bodies(k, images, cfg.model.embed_dim) for k in kinds}
 
     load_start = os.getloadavg()[0]
-    with RssSampler() as rss:
-        ceiling: dict = {}
-        if "embed" not in skip:
-            sizes = [int(b) for b in args.batch_sizes.split(",")]
-            ceiling = bare_loop(cfg, model_dir, images, sizes, [int(t) for t in args.threads.split(",")],
-                                args.duration)
-        direct = milvus_direct(cfg, cfg.model.embed_dim, max(levels), args.duration) if "search" not in skip else ()
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        embed, http, via_handle = {}, {}, {}
-        try:
-            url = deploy(cfg, model_dir, port, batch_search=True)
-            if "embed" not in skip:
-                embed = run_levels(url, levels, args.duration, embed_request(images))
-                print("embed:", embed, flush=True)
-            if "search" not in skip:
-                from ootd.serve.app import APP_NAME
-
-                for batch_search in (True, False):
-                    if not batch_search:
-                        serve.delete(APP_NAME)  # frees the Milvus Lite file for the next Index replica
-                        url = deploy(cfg, model_dir, port, batch_search=False)
-                    http[batch_search] = run_levels(url, levels, args.duration, search_request(cfg.model.embed_dim))
-                    via_handle[batch_search] = handle_levels(levels, args.duration, cfg.model.embed_dim)
-                    print(f"search batch_search={batch_search}: http {http[batch_search]} "
-                          f"handle {via_handle[batch_search]}", flush=True)
-        finally:
-            serve.shutdown()
-            ray.shutdown()
-
-    if ceiling:
-        (best_threads, best_bs), best = max(ceiling.items(), key=lambda kv: kv[1])
-        lines += fmt_table(
-            f"(a) POST /v1/embed vs the same pipeline in a bare loop (best: {best:.1f} img/s at batch {best_bs}, "
-            f"{best_threads} torch thread(s); app: {args.encoder_replicas} Encoder replicas × {args.encoder_cpus} "
-            f"CPU (1 torch thread each), max_batch_size {args.max_batch_size})",
-            "/v1/embed", "bare loop img/s",
-            [(c, r, f"{best:.1f}", r["rps"] / best) for c, r in embed.items()])
-        lines += ["bare loop img/s (threads, batch): "
-                  + ", ".join(f"({t}, {b}): {v:.1f}" for (t, b), v in ceiling.items()), ""]
-    if http:
-        for title, runs in (("over HTTP (POST /v1/search by vector, top_k 10)", http),
-                            ("Index deployment through a DeploymentHandle (no HTTP, no ingress)", via_handle)):
-            lines += fmt_table(f"(b) search {title}: batched into one Milvus call vs one call per request",
-                               "batched", "one call/request req/s",
-                               [(c, runs[True][c], f"{runs[False][c]['rps']:.1f}",
-                                 runs[True][c]["rps"] / runs[False][c]["rps"]) for c in levels])
-            lines += ["one call per request, latency ms (p50 / p99): " + ", ".join(
-                f"c={c}: {runs[False][c]['p50']:.1f} / {runs[False][c]['p99']:.1f}" for c in levels), ""]
-        lines += [f"Milvus Lite alone (same collection, in this process): {max(levels)} single-query calls "
-                  f"{direct[0]:.0f} queries/s vs one {max(levels)}-query call {direct[1]:.0f} queries/s "
-                  f"(ratio {direct[1] / direct[0]:.1f})", ""]
-    lines += [f"Peak RSS (this process + Ray node, replicas, Milvus Lite): {rss.peak / 2**20:,.0f} MiB", "",
-              f"Load average (1 min) at start {load_start:.1f}, at end {os.getloadavg()[0]:.1f}: the client, the app "
-              "and anything else on the machine share its cores; compare ratios from one run only.", ""]
+    ceiling = {}
+    if "bare" not in skip and "embed" in kinds:
+        # In a worker thread, as both servers run the pipeline: torch in this process's main thread ran up to 18x
+        # slower on a busy machine (its OpenMP team waits on descheduled threads), which no server sees.
+        with concurrent.futures.ThreadPoolExecutor(1) as thread:
+            ceiling = thread.submit(bare_loop, cfg, model_dir, images, [int(b) for b in args.batch_sizes.split(",")],
+                                    args.duration).result()
+    kw = {"kinds": kinds, "levels": levels, "seconds": args.duration, "payloads": payloads}
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        peer = {} if "peer" in skip else run_peer(args.config, overrides, model_dir, pool=pool, **kw)
+        ootd = {} if "ootd" in skip else run_ootd(args.config, overrides, model_dir, args.extra, pool=pool, **kw)
+    lines = report(args, kinds, levels, ceiling, peer, ootd, (load_start, os.getloadavg()[0]))
     text = "\n".join(lines)
     print(text)
+    if args.extra or skip:
+        return 0  # an experiment: the published table is the full run with the shipped defaults
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.backbone == "tiny" or not out.exists():

@@ -89,6 +89,9 @@ class DetectConfig:
     # cpu, cuda, an ultralytics device ("0", "0,1"), or auto = cuda when the cluster has a GPU; actors reserve
     # the GPUs their device needs.
     device: str = "cpu"
+    # Inference engine: auto = the fastest installed for the device (openvino > onnx > torch on CPU, torch on GPU);
+    # onnx/openvino run an export of the weights built once per node (ootd.detect.runtime).
+    runtime: Literal["auto", "torch", "onnx", "openvino"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -189,12 +192,31 @@ class ServeConfig:
     max_replicas: int = _bounded(2, lo=1)
     target_ongoing_requests: float = _bounded(8.0, lo=0.1)
     max_batch_size: int = _bounded(16, lo=1)
-    batch_wait_timeout_s: float = _bounded(0.01, lo=0.0)
+    # How long an idle Encoder replica waits for company before running a lone request; a busy one runs every
+    # request that queued while its previous batch ran (up to max_batch_size) without waiting.
+    batch_wait_timeout_s: float = _bounded(0.0, lo=0.0)
     # How long the Index waits to merge concurrent searches into one Milvus call: more throughput, more latency.
     search_batch_wait_s: float = _bounded(0.02, lo=0.0)
     encoder_num_cpus: float = _bounded(0.5, lo=0.0)
+    # GPU share of an Encoder replica whose `model.device` or `detect.device` is (or `auto` resolves to) cuda: 0.5
+    # lets the two default replicas share one GPU.
+    encoder_num_gpus: float = _bounded(0.5, lo=0.0)
     index_num_cpus: float = _bounded(0.25, lo=0.0)
     ingress_num_cpus: float = _bounded(0.25, lo=0.0)
+    # Requests one Encoder replica holds (its running batch and those queued for the next ones). Above it callers
+    # queue in Serve's router, which retries a full replica with backoff of up to 0.5 s (Ray 2.60), so a replica
+    # starves while requests wait: keep it above the concurrency a replica should absorb.
+    encoder_max_ongoing_requests: int = _bounded(128, lo=1)
+    # torch (and detector runtime) threads per Encoder replica; 0: its `encoder_num_cpus` rounded up. More
+    # threads than reserved cores spin against the other replicas and the ingress.
+    encoder_threads: int = _bounded(0, lo=0)
+    # Ray Serve's throughput-optimized settings (what RAY_SERVE_THROUGHPUT_OPTIMIZED sets, less direct ingress,
+    # which would move the HTTP port), given to the controller, proxy and every replica (ootd.serve.app).
+    throughput_optimized: bool = True
+    # One access-log line per request per hop (proxy, ingress, encoder, index); errors are logged either way.
+    access_log: bool = False
+    # Level of the Serve controller, proxy and replica logs.
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
     # Merge concurrent writes into one items-log fsync + one Milvus call (False: one commit per write, the
     # benchmark baseline); either way a 2xx comes only after the write is durable.
     group_commit: bool = True

@@ -152,9 +152,25 @@ def test_index_is_one_replica_on_a_lite_file_and_autoscales_on_a_server(tiny_con
                                                              "serve.max_replicas=3"]))
     assert "num_replicas" not in served["Index"] and served["Index"]["autoscaling_config"]["max_replicas"] == 3
     encoder = served["Encoder"]
-    assert encoder["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 8.0}
+    assert encoder["autoscaling_config"] == {"min_replicas": tiny_config.serve.min_replicas, "max_replicas": 3,
+                                             "target_ongoing_requests": 8.0}
     assert encoder["max_ongoing_requests"] >= tiny_config.serve.max_batch_size
     assert 0 < encoder["ray_actor_options"]["num_cpus"] < 1
+
+
+def test_encoder_replicas_reserve_a_gpu_share_only_when_a_model_runs_on_cuda(tiny_config):
+    from ootd.serve.app import deployment_options, resolve_devices
+
+    def encoder_gpus(*overrides: str) -> float:
+        options = deployment_options(with_overrides(tiny_config, list(overrides)))
+        return options["Encoder"]["ray_actor_options"].get("num_gpus", 0)
+
+    assert encoder_gpus("model.device=cpu", "detect.device=cpu") == 0
+    assert encoder_gpus("model.device=cuda", "detect.device=cpu") == 0.5
+    assert encoder_gpus("model.device=cpu", "detect.device=0", "serve.encoder_num_gpus=1") == 1
+    # `auto` is decided when the app is built, against the connected cluster (this one has no GPU).
+    resolved = resolve_devices(with_overrides(tiny_config, ["model.device=auto", "detect.device=auto"]))
+    assert (resolved.model.device, resolved.detect.device) == ("cpu", "cpu")
 
 
 def test_serve_config_yaml_builds_the_app(monkeypatch, tmp_path):
@@ -336,6 +352,43 @@ def test_concurrent_searches_get_the_same_answers_as_sequential_ones(app):
         available = per_style[q["styles"][0]] if "styles" in q else len(app["table"])
         assert len(result) == min(q["top_k"], available)
         assert all(h["style"] in q.get("styles", STYLES) for h in result)
+
+
+@slow
+def test_hostile_requests_fail_alone_and_the_good_ones_batched_with_them_succeed(app):
+    """Searches by vector and by photo, sent at once with hostile ones (a vector beyond float32, JSON nested past the
+    limit, bytes that are no photo, a truncated JPEG): every good one gets its sequential answer, every hostile one
+    its own 422, and no request is a 5xx (the Index and Encoder batch them together)."""
+    import requests
+
+    item = requests.get(f"{app['url']}/v1/items/{app['table'].iloc[3]['image_id']}", params={"embedding": "true"},
+                        timeout=HTTP_TIMEOUT).json()
+    photo = app["sources"][5].read_bytes()
+    depth = 5_000
+    nested = b'{"vector": ' + b"[" * depth + b"]" * depth + b"}"
+    good = [("vector", {"vector": item["embedding"], "top_k": 1 + i % 5}) for i in range(8)] + [("photo", photo)] * 4
+    hostile = [("vector", {"vector": [1e200] * 128}), ("raw", nested), ("photo", b"plain text, no photo"),
+               ("photo", photo[:300])]
+
+    def send(request: tuple[str, object]) -> requests.Response:
+        kind, body = request
+        if kind == "vector":
+            return _post_json(app["url"], "/v1/search", body)
+        if kind == "raw":
+            return requests.post(f"{app['url']}/v1/search", data=body, headers={"content-type": "application/json"},
+                                 timeout=HTTP_TIMEOUT)
+        return _post_image(app["url"], "/v1/search", body)
+
+    def ids(resp: requests.Response) -> list[str]:
+        return [h["id"] for h in resp.json()["results"]]
+
+    sequential = [ids(send(r)) for r in good]
+    mixed = [r for pair in zip(good, hostile * 3, strict=True) for r in pair]  # each hostile one among good ones
+    with ThreadPoolExecutor(len(mixed)) as pool:
+        answers = list(pool.map(send, mixed))
+    assert [a.status_code for a in answers[0::2]] == [200] * len(good)
+    assert [ids(a) for a in answers[0::2]] == sequential
+    assert [a.status_code for a in answers[1::2]] == [422] * len(good), [a.text[:200] for a in answers[1::2]]
 
 
 @slow

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ from ray import serve
 from ootd.config import Config, absolute_paths, load_config
 from ootd.logs import quiet_libraries
 from ootd.model.modeldir import model_info
+from ootd.placement import device_gpus, resolve_device
 from ootd.serve.api import ApiSettings, SearchFilters, create_api
 from ootd.serve.backend import Unavailable
 from ootd.serve.index_deployment import Index
@@ -46,20 +49,81 @@ def resolve_model_dir(config: Config, model_dir: str | Path | None, live_version
     return path
 
 
+class Batcher:
+    """Runs `fn` on batches of concurrent calls, one batch at a time, each taking every call that queued while the
+    previous one ran (up to `max_size`): a busy replica runs full batches, a lone request waits at most `wait_s`.
+
+    Why not `@serve.batch`: its loop forms the next batch while the current one still runs (Ray 2.60
+    `batching.py` `_process_batches`), so under load batches leave after `batch_wait_timeout_s` with the one or
+    two requests that came in meanwhile and queue behind each other (measured: benchmarks/results/serve_load.md).
+    """
+
+    def __init__(self, fn: Any, max_size: int, wait_s: float = 0.0):
+        """Args:
+        fn: list of items → list of results (same length, same order); runs off the event loop.
+        max_size: most items in one call.
+        wait_s: how long a batch that starts on an idle replica waits for more items.
+        """
+        self.fn, self.max_size, self.wait_s = fn, max_size, wait_s
+        self._queue: list[tuple[Any, asyncio.Future]] = []
+        self._runner: asyncio.Task | None = None
+
+    async def __call__(self, item: Any) -> Any:
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append((item, future))
+        if self._runner is None or self._runner.done():
+            self._runner = asyncio.create_task(self._run())
+        return await future
+
+    async def _run(self) -> None:
+        if self.wait_s and len(self._queue) < self.max_size:
+            await asyncio.sleep(self.wait_s)
+        while self._queue:
+            batch, self._queue = self._queue[: self.max_size], self._queue[self.max_size:]
+            batch = [(item, future) for item, future in batch if not future.done()]  # cancelled: client left
+            if not batch:
+                continue
+            try:
+                # Off the event loop: requests keep arriving (and queueing for the next batch) while it runs.
+                results = await asyncio.to_thread(self.fn, [item for item, _ in batch])
+                if len(results) != len(batch):
+                    raise RuntimeError(f"a batch of {len(batch)} returned {len(results)} results")
+            except Exception as exc:  # noqa: BLE001 - every caller of the batch gets the error
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, future), result in zip(batch, results, strict=True):
+                if not future.done():
+                    future.set_result(result)
+
+
+def encoder_threads(config: Config) -> int:
+    """torch threads of one Encoder replica: `serve.encoder_threads`, else its CPU reservation rounded up."""
+    return config.serve.encoder_threads or max(1, math.ceil(config.serve.encoder_num_cpus))
+
+
 @serve.deployment
 class Encoder:
     """Detector + style encoder; concurrent requests are batched into one forward pass."""
 
     async def __init__(self, config: Config, model_dir: str, index: Any):
         """Loads the pipeline; without a model dir, asks the Index which model the live collection holds."""
+        import torch
+
         quiet_libraries()
+        # torch defaults to one thread per core of the machine, whatever share of it the replica holds; the
+        # detector runtime takes the same count (ootd.detect.yolo).
+        torch.set_num_threads(encoder_threads(config))
         live = None if model_dir or config.serve.model_dir else await index.model_version.remote()
         path = resolve_model_dir(config, model_dir, live)
-        self.pipeline = await asyncio.to_thread(OutfitPipeline, config, path)
+        # `make_app` resolved `auto` against the cluster and reserved the GPU a cuda device needs.
+        self.pipeline = await asyncio.to_thread(OutfitPipeline, config, path, config.model.device)
         self.model_dir = str(path)
-        self._embed_batch.set_max_batch_size(config.serve.max_batch_size)
-        self._embed_batch.set_batch_wait_timeout_s(config.serve.batch_wait_timeout_s)
-        log.info("encoder %s ready (model dir %s)", self.pipeline.model_version, path)
+        self._batch = Batcher(self._run, config.serve.max_batch_size, config.serve.batch_wait_timeout_s)
+        log.info("encoder %s ready (model dir %s, encoder on %s, detector on %s/%s, %d torch threads)",
+                 self.pipeline.model_version, path, config.model.device, config.detect.device,
+                 self.pipeline.detector.runtime.name, torch.get_num_threads())
 
     def info(self) -> dict[str, Any]:
         """The model this replica serves."""
@@ -68,12 +132,10 @@ class Encoder:
 
     async def embed(self, image: bytes, want_crop: bool = False) -> dict[str, Any]:
         """Embeds one photo (batched with concurrent calls)."""
-        return await self._embed_batch((image, want_crop))
+        return await self._batch((image, want_crop))
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def _embed_batch(self, items: list[tuple[bytes, bool]]) -> list[dict[str, Any]]:
-        # Off the event loop, so the next batch fills while this one runs.
-        return await asyncio.to_thread(self.pipeline.run, [i[0] for i in items], [i[1] for i in items])
+    def _run(self, items: list[tuple[bytes, bool]]) -> list[dict[str, Any]]:
+        return self.pipeline.run([i[0] for i in items], [i[1] for i in items])
 
 
 def _checked(result: Any) -> Any:
@@ -218,6 +280,46 @@ def index_batch_size(config: Config) -> int:
     return max(64, 4 * config.serve.max_batch_size)
 
 
+# Ray Serve reads these when a process imports it, so they go to the controller (which starts the proxy, and the
+# proxy inherits them) and into every replica's runtime_env. They are what RAY_SERVE_THROUGHPUT_OPTIMIZED=1 sets
+# (Ray 2.60 `serve/_private/constants.py`) except direct ingress, which serves HTTP from the ingress replicas on
+# ports 30000+ instead of `serve.port`; RAY_SERVE_LOG_TO_STDERR=0, which would hide replica errors from the
+# console; and RAY_SERVE_USE_GRPC_BY_DEFAULT=1 (gRPC between deployments), which saved ~1 ms CPU a request
+# (benchmarks/serve_load.py) but reports a dead replica as a gRPC error rather than the RayActorError that
+# `_with_retry` retries and turns into a 503.
+THROUGHPUT_ENV = {
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",  # user code on the replica's own event loop
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",  # handle calls routed on the caller's loop, not a second one
+    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",  # request-path logs flushed in blocks (at once on ERROR)
+    "RAY_SERVE_FREEZE_GC_ON_STARTUP": "1",  # the loaded model's objects leave the garbage collector's scans
+}
+
+
+def serve_env(config: Config) -> dict[str, str]:
+    """The Ray Serve environment of every Serve process of the app (empty: Ray's defaults)."""
+    return dict(THROUGHPUT_ENV) if config.serve.throughput_optimized else {}
+
+
+def logging_config(config: Config) -> dict[str, Any]:
+    """Serve's `logging_config` of the controller, proxy and replicas: no per-request access lines unless
+    `serve.access_log`, and `serve.log_level` (WARNING keeps warnings and errors)."""
+    return {"enable_access_log": config.serve.access_log, "log_level": config.serve.log_level}
+
+
+def resolve_devices(config: Config) -> Config:
+    """`model.device` and `detect.device` as the Encoder replicas use them: `auto` decided here, against the GPUs of
+    the cluster the app is deployed on (cuda when it has one, else cpu)."""
+    return replace(config, model=replace(config.model, device=resolve_device(config.model.device)),
+                   detect=replace(config.detect, device=resolve_device(config.detect.device)))
+
+
+def encoder_gpus(config: Config) -> float:
+    """GPU share an Encoder replica reserves: `serve.encoder_num_gpus` when its encoder or detector runs on cuda (Ray
+    hides unreserved GPUs from an actor; the two models share the replica's), else none."""
+    on_gpu = device_gpus(config.model.device) or device_gpus(config.detect.device)
+    return config.serve.encoder_num_gpus if on_gpu else 0.0
+
+
 def deployment_options(config: Config) -> dict[str, dict[str, Any]]:
     """Serve options of each deployment from the `serve` and `store` sections.
 
@@ -225,21 +327,30 @@ def deployment_options(config: Config) -> dict[str, dict[str, Any]]:
     on a Milvus Lite file (one process may open it) and autoscales the same way against a Milvus server.
     """
     s = config.serve
-    autoscaling = {"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
+    env = serve_env(config)
+
+    def actor(num_cpus: float, num_gpus: float = 0.0) -> dict[str, Any]:
+        return {"num_cpus": num_cpus, **({"num_gpus": num_gpus} if num_gpus else {}),
+                **({"runtime_env": {"env_vars": env}} if env else {})}
+
+    common = {"logging_config": logging_config(config)}
+    # max_replicas caps min_replicas: `--set serve.max_replicas=1` alone gives one replica.
+    autoscaling = {"min_replicas": min(s.min_replicas, s.max_replicas), "max_replicas": s.max_replicas,
                    "target_ongoing_requests": s.target_ongoing_requests}
-    index: dict[str, Any] = {"ray_actor_options": {"num_cpus": s.index_num_cpus},
-                             "max_ongoing_requests": 2 * index_batch_size(config)}
+    index: dict[str, Any] = {"ray_actor_options": actor(s.index_num_cpus),
+                             "max_ongoing_requests": 2 * index_batch_size(config), **common}
     if is_server_uri(config.store.uri):
-        index["autoscaling_config"] = {**autoscaling, "min_replicas": max(1, s.min_replicas)}
+        index["autoscaling_config"] = {**autoscaling, "min_replicas": max(1, autoscaling["min_replicas"])}
     else:
         index["num_replicas"] = 1
     return {
         "Index": index,
-        # max_ongoing_requests: one batch running and one filling per replica.
-        "Encoder": {"ray_actor_options": {"num_cpus": s.encoder_num_cpus}, "max_ongoing_requests":
-                    2 * s.max_batch_size, "autoscaling_config": autoscaling},
+        # max_ongoing_requests: the replica's own queue feeds its batches; at least one batch running and one filling.
+        "Encoder": {"ray_actor_options": actor(s.encoder_num_cpus, encoder_gpus(config)),
+                    "max_ongoing_requests": max(s.encoder_max_ongoing_requests, 2 * s.max_batch_size),
+                    "autoscaling_config": autoscaling, **common},
         # The ingress only awaits the others: many requests in flight cost it little.
-        "Ingress": {"ray_actor_options": {"num_cpus": s.ingress_num_cpus}, "max_ongoing_requests": 256},
+        "Ingress": {"ray_actor_options": actor(s.ingress_num_cpus), "max_ongoing_requests": 256, **common},
     }
 
 
@@ -254,7 +365,7 @@ def make_app(config: Config, *, model_dir: str | Path | None = None, batch_searc
     Returns:
         A Serve `Application` for `serve.run`.
     """
-    config = absolute_paths(config)
+    config = resolve_devices(absolute_paths(config))
     options = deployment_options(config)
     chosen = str(Path(model_dir).expanduser().absolute()) if model_dir else ""
     index = Index.options(**options["Index"]).bind(config, batch_search, index_batch_size(config))
@@ -309,6 +420,11 @@ def run_app(
 
     check_write_protection(config)
     log.info("deploying ootd (config %s, overrides %s)", config_source, redact_overrides(overrides))
-    serve.start(http_options={"host": config.serve.host, "port": config.serve.port})
+    env = serve_env(config)
+    # The controller's options apply when this call creates it (a fresh cluster, as `ootd serve` starts); on a
+    # cluster whose Serve runs already they are Ray's warning, and its controller keeps what it started with.
+    serve.start(http_options={"host": config.serve.host, "port": config.serve.port},
+                logging_config=logging_config(config),
+                controller_options={"runtime_env": {"env_vars": env}} if env else None)
     serve.run(make_app(config, model_dir=model_dir, batch_search=batch_search), name=APP_NAME, route_prefix="/")
     return f"http://{config.serve.host}:{config.serve.port}"
