@@ -248,3 +248,24 @@ def synthetic_set(tmp_path_factory):
     out = tmp_path_factory.mktemp("synthetic")
     write_sample_data(out, per_style=6, seed=7, size=256)
     return out
+
+
+def record_network(patch: pytest.MonkeyPatch) -> list:
+    """Patches sockets through `patch` so every connect and name lookup is recorded (and still made); returns the
+    list they are appended to, for tests that prove a code path never reaches the network."""
+    import socket
+
+    contacted: list = []
+    connect, getaddrinfo = socket.socket.connect, socket.getaddrinfo
+
+    def record_connect(sock, address):
+        contacted.append(address)
+        return connect(sock, address)
+
+    def record_lookup(host, *args, **kwargs):
+        contacted.append(host)
+        return getaddrinfo(host, *args, **kwargs)
+
+    patch.setattr(socket.socket, "connect", record_connect)
+    patch.setattr(socket, "getaddrinfo", record_lookup)
+    return contacted

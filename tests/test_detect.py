@@ -206,25 +206,13 @@ def small_yolo_set(tmp_path_factory):
 @pytest.mark.slow
 def test_train_detector_stays_offline_and_writes_weights_metrics_and_args(small_yolo_set, tmp_path, monkeypatch):
     import json
-    import socket
 
     import yaml
 
     from ootd.detect.training import train_detector
+    from tests.conftest import record_network
 
-    contacted: list = []
-    connect, getaddrinfo = socket.socket.connect, socket.getaddrinfo
-
-    def record_connect(sock, address):
-        contacted.append(address)
-        return connect(sock, address)
-
-    def record_lookup(host, *args, **kwargs):
-        contacted.append(host)
-        return getaddrinfo(host, *args, **kwargs)
-
-    monkeypatch.setattr(socket.socket, "connect", record_connect)
-    monkeypatch.setattr(socket, "getaddrinfo", record_lookup)
+    contacted = record_network(monkeypatch)
     out = tmp_path / "det"
     metrics = train_detector(small_yolo_set["data_yaml"], out, epochs=1, imgsz=128, batch=8, seed=0)
     assert contacted == []

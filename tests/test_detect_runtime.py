@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import socket
 import threading
 
 import numpy as np
@@ -16,6 +15,7 @@ from ootd.detect.boxes import box_iou
 from ootd.detect.yolo import Detector, resolve_weights
 from ootd.styles import STYLES
 from ootd.synthetic import render_outfit
+from tests.conftest import record_network
 
 FRESH_SEED = 20_241  # as in test_detect.py: photos the committed detector was not trained on
 MIN_IOU = 0.99
@@ -45,28 +45,18 @@ def photos():
 
 
 @pytest.fixture(scope="module")
-def contacted():
-    """Every address a socket connected to or looked up while the module's detectors were built."""
-    return []
+def built(cache, detect_cfg):
+    """One Detector per runtime (torch and each installed export), built once for the module, and every address a
+    socket connected to or looked up meanwhile."""
+    with pytest.MonkeyPatch.context() as patch:
+        contacted = record_network(patch)
+        detectors = {name: Detector(dataclasses.replace(detect_cfg, runtime=name)) for name in ["torch", *INSTALLED]}
+    return detectors, contacted
 
 
 @pytest.fixture(scope="module")
-def detectors(cache, detect_cfg, contacted):
-    """One Detector per runtime (torch and each installed export), built once for the module."""
-    connect, getaddrinfo = socket.socket.connect, socket.getaddrinfo
-
-    def record_connect(sock, address):
-        contacted.append(address)
-        return connect(sock, address)
-
-    def record_lookup(host, *args, **kwargs):
-        contacted.append(host)
-        return getaddrinfo(host, *args, **kwargs)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(socket.socket, "connect", record_connect)
-        patch.setattr(socket, "getaddrinfo", record_lookup)
-        return {name: Detector(dataclasses.replace(detect_cfg, runtime=name)) for name in ["torch", *INSTALLED]}
+def detectors(built):
+    return built[0]
 
 
 def test_at_least_one_exported_runtime_is_installed():
@@ -97,10 +87,10 @@ def test_exported_runtime_batches_like_single_images(detectors, photos):
         assert all(box_iou(a.box, b.box) >= MIN_IOU for a, b in zip(batched, alone, strict=True)), name
 
 
-def test_building_exports_stays_offline_and_installs_nothing(detectors, contacted):
+def test_building_exports_stays_offline_and_installs_nothing(built):
     from ultralytics.utils import checks
 
-    assert contacted == []
+    assert built[1] == []
     assert checks.AUTOINSTALL is False
 
 

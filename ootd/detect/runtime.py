@@ -70,14 +70,19 @@ def cache_dir() -> Path:
     """
     root = os.environ.get("OOTD_CACHE_DIR")
     base = Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ootd"
-    path = base.expanduser() / "detector"
+    return writable_dir(base.expanduser() / "detector",
+                        Path(tempfile.gettempdir()) / f"ootd-cache-{os.getuid()}" / "detector")
+
+
+def writable_dir(preferred: Path, fallback: Path) -> Path:
+    """`preferred`, created, when this process may write there (a shared or read-only home may forbid it); else
+    `fallback`, created."""
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        if os.access(path, os.W_OK):
-            return path
+        preferred.mkdir(parents=True, exist_ok=True)
+        if os.access(preferred, os.W_OK):
+            return preferred
     except OSError:
         pass
-    fallback = Path(tempfile.gettempdir()) / f"ootd-cache-{os.getuid()}" / "detector"
     fallback.mkdir(parents=True, exist_ok=True)
     return fallback
 

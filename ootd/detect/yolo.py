@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ootd.detect.boxes import OutfitBox, outfit_box
-from ootd.detect.runtime import Runtime, RuntimeUnavailable, choose, configure_backend
+from ootd.detect.runtime import Runtime, RuntimeUnavailable, choose, configure_backend, writable_dir
 
 if TYPE_CHECKING:
     from ootd.config import DetectConfig
@@ -93,15 +93,7 @@ def _how_to_get_weights(name: str) -> str:
 def _private_config_dir() -> Path:
     """A writable settings dir for ultralytics that no other tool (or user setting) shares."""
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ootd" / "ultralytics"
-    try:
-        base.mkdir(parents=True, exist_ok=True)
-        if os.access(base, os.W_OK):
-            return base
-    except OSError:
-        pass
-    fallback = Path(tempfile.gettempdir()) / f"ootd-ultralytics-{os.getuid()}"
-    fallback.mkdir(parents=True, exist_ok=True)
-    return fallback
+    return writable_dir(base, Path(tempfile.gettempdir()) / f"ootd-ultralytics-{os.getuid()}")
 
 
 def _local_font(font: str = "Arial.ttf") -> Path | str | None:
