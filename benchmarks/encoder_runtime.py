@@ -23,7 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from report import publish  # noqa: E402 - benchmarks/ is the script's own folder on sys.path
+from report import machine_load_line, publish  # noqa: E402 - benchmarks/ is the script's own folder on sys.path
 
 MIN_COSINE = 0.99
 
@@ -157,9 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                      + f" | {rates[-1] / torch_rates[threads]:.2f}x | {cos:.5f} {verdict} |")
     lines += [
         "",
-        "Machine load average (1/5/15 min, `uptime`) before: " + " / ".join(f"{x:.1f}" for x in load_before)
-        + ", after: " + " / ".join(f"{x:.1f}" for x in load_after) + f" on {os.cpu_count()} cores (shared with "
-        "other processes).",
+        machine_load_line(load_before, load_after),
     ]
     publish(lines, args.out)
     return 0

@@ -36,7 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from report import publish  # noqa: E402 - benchmarks/ is the script's own folder on sys.path
+from report import machine_load_line, publish  # noqa: E402 - benchmarks/ is the script's own folder on sys.path
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -330,9 +330,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{result['peak_rss'] / 2**20:.0f} MiB |")  # fmt: skip
     lines += [
         "",
-        "Machine load average (1/5/15 min, `uptime`) before: " + " / ".join(f"{x:.1f}" for x in load_before)
-        + ", after: " + " / ".join(f"{x:.1f}" for x in load_after) + f" on {os.cpu_count()} cores (shared with "
-        "other processes; anything above 0 competes with the runs, and skews every row).",
+        machine_load_line(load_before, load_after, '; anything above 0 competes with the runs, and skews every row'),
     ]
     publish(lines, args.out)
     return 0

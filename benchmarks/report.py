@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -21,3 +22,14 @@ def load_summary(latencies_s: list[float], elapsed_s: float, errors: int = 0) ->
     lat = np.asarray(latencies_s) * 1000
     return {"rps": len(latencies_s) / elapsed_s, "p50": float(np.percentile(lat, 50)),
             "p99": float(np.percentile(lat, 99)), "n": len(latencies_s), "errors": errors}
+
+
+def machine_load_line(before: tuple[float, ...], after: tuple[float, ...], remark: str = "") -> str:
+    """The sentence every results file ends with: the 1/5/15-min load average around the run, so a reader sees
+    whether other processes shared the cores."""
+
+    def fmt(load: tuple[float, ...]) -> str:
+        return " / ".join(f"{x:.1f}" for x in load)
+
+    return (f"Machine load average (1/5/15 min, `uptime`) before: {fmt(before)}, after: {fmt(after)} on "
+            f"{os.cpu_count()} cores (shared with other processes{remark}).")
