@@ -1,14 +1,15 @@
-"""Encoder on CPU runtimes: the tiny style encoder (vision tower + head + L2 norm) on PyTorch fp32 / bf16 vs
-ONNX Runtime and OpenVINO (fp32, and OpenVINO's bf16 default), throughput and cosine to PyTorch fp32.
+"""Encoder on CPU runtimes: the style encoder (vision tower + head + L2 norm) on PyTorch fp32 / bf16 vs
+ONNX Runtime and OpenVINO (fp32 and bf16), throughput and cosine to PyTorch fp32.
 
-The encoder is `build_encoder(load_config("tiny").model)`: the committed tiny backbone with a seeded head, exactly
-what the tiny config serves. Inputs are preprocessed synthetic crops, so only `StyleEncoder.forward` is timed (what
-`embed` runs after `preprocess`). Exports: `torch.onnx.export` (TorchScript exporter, dynamic batch) for ONNX
-Runtime, `openvino.convert_model` for OpenVINO. Every runtime uses the same thread count (1, then all cores: on a
-shared machine the one-thread rows are the steadier). A runtime is worth wiring into ootd only if it is clearly
-faster at cosine >= 0.99 to fp32.
+`--backbone tiny` is the committed tiny backbone with a seeded head, exactly what the tiny config serves;
+`--backbone vit-b-16` is Marqo-FashionSigLIP's architecture with random weights (what the default config serves,
+minus the download). Inputs are preprocessed synthetic crops, so only the forward pass is timed (what runs after
+`preprocess`). OpenVINO is ootd's own `model.runtime=openvino` embedder (`ootd.model.runtime`); ONNX Runtime
+runs a `torch.onnx.export` (TorchScript exporter, dynamic batch). Every runtime uses the same thread count (1,
+then all cores). bf16 only pays on CPUs with bf16 units (AMX / AVX512-BF16): the header says whether this one
+has them; OpenVINO computes fp32 where it does not.
 
-    .venv/bin/python benchmarks/encoder_runtime.py [--batches 1 32] [--iters 30] [--threads 1 2]
+    .venv/bin/python benchmarks/encoder_runtime.py [--backbone tiny] [--batches 1 32] [--iters 30] [--threads 1 2]
 """
 
 from __future__ import annotations
@@ -35,20 +36,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=30, help="timed calls per batch size (after one warm-up)")
     p.add_argument("--threads", type=int, nargs="+", default=[1, os.cpu_count() or 2],
                    help="intra-op threads of every runtime; one table block per value")  # fmt: skip
-    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "encoder_runtime.md")
+    p.add_argument("--backbone", choices=["tiny", "vit-b-16"], default="tiny")
+    p.add_argument("--out", type=Path, help="default: benchmarks/results/encoder_runtime[_vit_b_16].md")
     return p.parse_args(argv)
 
 
-def pixels(n: int):
-    """`n` preprocessed synthetic outfit crops (float32 N x 3 x S x S), as `embed` feeds the encoder."""
+def pixels(n: int, backbone: str, folder: Path):
+    """The encoder and `n` preprocessed synthetic outfit crops (float32 N x 3 x S x S), as `embed` feeds it."""
     import numpy as np
 
+    from benchmarks.serve_load import export_model
     from ootd.config import load_config
-    from ootd.model.encoder import build_encoder
+    from ootd.model.export import load
     from ootd.styles import STYLES
     from ootd.synthetic import render_outfit
 
-    encoder = build_encoder(load_config("tiny").model).eval()
+    encoder = load(export_model(backbone, load_config("tiny").model, folder)).eval()
     rng = np.random.default_rng(0)
     images = [render_outfit(STYLES[i % len(STYLES)], rng, 256).image for i in range(n)]
     return encoder, encoder.preprocess(images)
@@ -80,19 +83,25 @@ def onnx_runner(encoder, sample, folder: Path, threads: int):
     return lambda batch: session.run(None, {"pixels": batch})[0]
 
 
-def openvino_runner(encoder, sample, threads: int, precision: str):
-    """Converts the encoder with OpenVINO (telemetry off) and returns a compiled-model callable."""
+def openvino_runner(encoder, threads: int, precision: str):
+    """ootd's `model.runtime=openvino` embedder, minus the preprocessing: a compiled-model callable."""
+    from ootd.model.runtime import OpenVINOEmbedder
+
+    embedder = OpenVINOEmbedder(encoder, precision, threads)
+    return lambda batch: embedder.compiled(batch)[embedder.output]
+
+
+def cpu_line() -> str:
+    """The CPU model and whether it computes bf16 natively (OpenVINO's capability list)."""
+    import platform
+
     import openvino as ov
 
-    from ootd.detect.runtime import _openvino_without_telemetry
-
-    _openvino_without_telemetry()
-    model = ov.convert_model(encoder, example_input=sample)
-    model.reshape({model.input(0): ov.PartialShape([-1, *sample.shape[1:]])})
-    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads, "ENABLE_CPU_PINNING": False,
-                                                      "INFERENCE_PRECISION_HINT": precision,
-                                                      "PERFORMANCE_HINT": "LATENCY"})  # fmt: skip
-    return lambda batch: next(iter(compiled(batch).values()))
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor() or "unknown CPU")
+    bf16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    units = "yes" if bf16 else "no (bf16 rows run fp32 in OpenVINO)"
+    return f"CPU: {model}, {os.cpu_count()} cores, bf16 units: {units}."
 
 
 def measure(run, data, batch: int, iters: int) -> float:
@@ -120,20 +129,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
-    encoder, data = pixels(max(args.batches))
-    data = data.numpy()
-    sample = torch.from_numpy(data[:1])
+    out = args.out or REPO / "benchmarks" / "results" / (
+        "encoder_runtime.md" if args.backbone == "tiny" else f"encoder_runtime_{args.backbone.replace('-', '_')}.md")
     load_before = os.getloadavg()
     rows = []
     with tempfile.TemporaryDirectory(prefix="ootd-bench-encoder-") as folder:
+        encoder, data = pixels(max(args.batches), args.backbone, Path(folder))
+        data = data.numpy()
+        sample = torch.from_numpy(data[:1])
         for threads in args.threads:
             torch.set_num_threads(threads)
             runners = {
                 "torch fp32": torch_runner(encoder, "fp32"),
                 "torch bf16 autocast (`model.precision=bf16`)": torch_runner(encoder, "bf16"),
                 "onnxruntime fp32": onnx_runner(encoder, sample, Path(folder), threads),
-                "openvino fp32": openvino_runner(encoder, sample, threads, "f32"),
-                "openvino bf16 (its CPU default here)": openvino_runner(encoder, sample, threads, "bf16"),
+                "openvino fp32 (`model.runtime=openvino`)": openvino_runner(encoder, threads, "fp32"),
+                "openvino bf16 (+ `model.precision=bf16`)": openvino_runner(encoder, threads, "bf16"),
             }
             reference = runners["torch fp32"](data)
             for name, run in runners.items():
@@ -143,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
 
     millions = sum(p.numel() for p in encoder.parameters()) / 1e6
     lines = [
-        f"Encoder runtimes on CPU: tiny style encoder (config `tiny`: {millions:.1f}M parameters, {data.shape[-1]} px "
-        f"input), {args.iters} calls per batch size.",
+        f"Encoder runtimes on CPU: {args.backbone} style encoder ({millions:.1f}M parameters, {data.shape[-1]} px "
+        f"input), {args.iters} calls per batch size. {cpu_line()}",
         "",
         "| runtime | threads | " + " | ".join(f"img/s, batch {b}" for b in args.batches)
         + " | vs torch fp32, same threads (largest batch) | min cosine to torch fp32 (>= 0.99) |",
@@ -159,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         machine_load_line(load_before, load_after),
     ]
-    publish(lines, args.out)
+    publish(lines, out)
     return 0
 
 

@@ -125,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ef", type=int, default=64, help="search ef of the latency and QPS rows")
     parser.add_argument("--budget-s", type=float, default=60.0, help="time budget of the single-query samples")
     parser.add_argument("--qps-s", type=float, default=10.0, help="seconds per concurrency level")
+    parser.add_argument("--restart-timeout-s", type=float, default=1800.0,
+                        help="how long a restarted server may take to answer (it replays its log first)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "milvus_backends.md"))
     args = parser.parse_args(argv)
@@ -158,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             def restart_server(store: MilvusStore, server: LocalMilvus = server) -> MilvusStore:
                 store.close()
                 server.stop()
-                server.start()
+                server.start(timeout=args.restart_timeout_s)
                 return MilvusStore(server.uri, dim=args.dim, search_ef=args.ef)
 
             try:

@@ -12,6 +12,8 @@ process group (proxy, ingress, encoder, index, Ray's own daemons) to show where 
 
     .venv/bin/python benchmarks/serve_load.py                       # tiny model, concurrency 1,8,32
     .venv/bin/python benchmarks/serve_load.py --backbone vit-b-16   # Marqo's ViT-B-16-SigLIP shape, random weights
+    .venv/bin/python benchmarks/serve_load.py --stores lite,standalone --kinds search_image,search_vector \
+        --concurrency 32 --skip bare    # /v1/search on Milvus Lite vs a Milvus standalone server, one run
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import contextlib
 import copy
 import json
 import multiprocessing
@@ -341,10 +344,11 @@ def cpu_split(r: dict) -> str:
         f"{k} {v:.1f}" for k, v in sorted(per.items(), key=lambda kv: -kv[1]) if v >= 0.2) + ")"
 
 
-def report(args, kinds, levels, ceiling, peer, ootd, load) -> list[str]:
+def report(args, kinds, levels, ceiling, peer, ootd, load, store: str = "lite") -> list[str]:
+    where = "Milvus Lite file" if store == "lite" else "Milvus 2.3.5 standalone server (PyPI `milvus`, same machine)"
     lines = [f"## serve_load ({args.backbone} encoder, config {args.config}, {platform.machine()}, "
              f"{os.cpu_count()} CPUs, {args.duration:.0f} s per level, {args.photos} photos of {args.photo_size} "
-             f"px, index of {args.index_size:,} vectors)", ""]
+             f"px, index of {args.index_size:,} vectors in a {where})", ""]
     best = max(ceiling.values()) if ceiling else None
     if ceiling:
         lines += ["Bare `OutfitPipeline.run` loop (ceiling), img/s by batch size: "
@@ -391,17 +395,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", default="1,8,16", help="bare-loop batch sizes tried for the ceiling")
     parser.add_argument("--kinds", default="embed,search_image,search_vector")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: bare, peer, ootd")
+    parser.add_argument("--stores", default="lite", help="comma-separated Milvus backends searched, one after the "
+                        "other in this run: lite (a Milvus Lite file) and/or standalone (a local milvus-server)")
     parser.add_argument("--set", action="append", default=[], dest="extra",
                         help="extra override for ootd only (experiments; the published table uses none)")
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "serve_load.md"))
+    parser.add_argument("--out", default=None, help="default: results/serve_load.md, or "
+                        "results/serve_load_milvus_backends.md when --stores names a server")
     args = parser.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
     kinds = [k for k in args.kinds.split(",") if k]
     skip = set(filter(None, args.skip.split(",")))
+    stores = [s for s in args.stores.split(",") if s]
+    if set(stores) - {"lite", "standalone"}:
+        parser.error(f"--stores takes lite and/or standalone, got {args.stores!r}")
+    args.out = args.out or str(REPO / "benchmarks" / "results" / (
+        "serve_load.md" if stores == ["lite"] else "serve_load_milvus_backends.md"))
     args.config = args.config or ("tiny" if args.backbone == "tiny" else "default")
 
     from ootd.config import load_config
     from ootd.model.modeldir import model_info
+    from ootd.store.standalone import LocalMilvus
 
     work = Path(tempfile.mkdtemp(prefix="ootd-serve-load-"))
     overrides = [f"store.uri={work / 'milvus.db'}", f"store.media={work / 'media'}", f"data.workdir={work}"]
@@ -409,7 +422,6 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = export_model(args.backbone, cfg.model, work / "models")
     version, _ = model_info(model_dir)
     images = photos(args.photos, args.photo_size)
-    fill_index(cfg, version, args.index_size)
     payloads = {k: bodies(k, images, cfg.model.embed_dim) for k in kinds}
 
     load_start = os.getloadavg()[0]
@@ -421,10 +433,20 @@ def main(argv: list[str] | None = None) -> int:
             ceiling = thread.submit(bare_loop, cfg, model_dir, images, [int(b) for b in args.batch_sizes.split(",")],
                                     args.duration).result()
     kw = {"kinds": kinds, "levels": levels, "seconds": args.duration, "payloads": payloads}
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        peer = {} if "peer" in skip else run_peer(args.config, overrides, model_dir, pool=pool, **kw)
-        ootd = {} if "ootd" in skip else run_ootd(args.config, overrides, model_dir, args.extra, pool=pool, **kw)
-    lines = report(args, kinds, levels, ceiling, peer, ootd, (load_start, os.getloadavg()[0]))
+    lines = []
+    for store in stores:
+        with contextlib.ExitStack() as stack:
+            if store == "standalone":
+                server = stack.enter_context(LocalMilvus(work / "standalone"))
+                overrides = [f"store.uri={server.uri}", *overrides[1:]]
+                cfg = load_config(args.config, overrides)
+            fill_index(cfg, version, args.index_size)
+            pool = stack.enter_context(concurrent.futures.ProcessPoolExecutor(
+                1, mp_context=multiprocessing.get_context("spawn")))
+            peer = {} if "peer" in skip else run_peer(args.config, overrides, model_dir, pool=pool, **kw)
+            ootd = {} if "ootd" in skip else run_ootd(args.config, overrides, model_dir, args.extra, pool=pool, **kw)
+        lines += report(args, kinds, levels, ceiling, peer, ootd, (load_start, os.getloadavg()[0]), store)
+        ceiling = {}  # reported once, above the first backend
     text = "\n".join(lines)
     print(text)
     if args.extra or skip:

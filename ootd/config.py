@@ -107,6 +107,10 @@ class ModelConfig:
     unlocked_blocks: int = _bounded(2, lo=0)
     # Inference precision; bf16 runs on CPU too (autocast).
     precision: Literal["fp32", "bf16"] = "fp32"
+    # Inference engine of the index job and the Serve Encoder (training and evaluation always run PyTorch):
+    # auto = OpenVINO on a CPU when installed (1.2x PyTorch at fp32, 1.9x at bf16 for the tiny encoder,
+    # benchmarks/results/encoder_runtime.md), PyTorch on a GPU.
+    runtime: Literal["auto", "torch", "openvino"] = "auto"
     # Where the encoder runs for inference (index job actors, Serve Encoder replicas): auto = cuda when the
     # cluster has a GPU (each actor/replica then reserves one), cpu, or cuda.
     device: str = "auto"

@@ -37,13 +37,17 @@ class EmbedCrops:
     a zero embedding, so one bad row never fails the batch it travels in.
     """
 
-    def __init__(self, model_dir: str, media_url: str, precision: str, batch_size: int, device: str = "cpu"):
+    def __init__(self, model_dir: str, media_url: str, precision: str, batch_size: int, device: str = "cpu",
+                 runtime: str = "torch"):
         from ootd.model.export import load
+        from ootd.model.runtime import build_embedder
 
         quiet_libraries()
         self.encoder = load(model_dir, device=device)
+        # The Serve Encoder embeds with the same runtime, so a photo indexed here and searched there agree.
+        self.embedder = build_embedder(self.encoder, runtime, precision, device)
         self.media = MediaStore(media_url)
-        self.precision, self.batch_size = precision, batch_size
+        self.batch_size = batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from PIL import Image
@@ -61,7 +65,7 @@ class EmbedCrops:
                 errors[i] = str(exc)
         embeddings = np.zeros((n, self.encoder.embed_dim), dtype=np.float32)
         if images:
-            embeddings[ok_rows] = self.encoder.embed(images, batch_size=self.batch_size, precision=self.precision)
+            embeddings[ok_rows] = self.embedder.embed(images, batch_size=self.batch_size)
         for i in ok_rows:
             # Media first: a row that reaches Milvus always has its image.
             # Not synced: a crash re-runs the job, and the crop stays in the crops table.
@@ -165,7 +169,8 @@ def run_index(
     ds = ds.map_batches(
         EmbedCrops,
         fn_constructor_kwargs={"model_dir": str(model_dir), "media_url": config.store.media,
-                               "precision": config.model.precision, "batch_size": batch_size, "device": device},
+                               "precision": config.model.precision, "batch_size": batch_size, "device": device,
+                               "runtime": config.model.runtime},
         batch_size=batch_size,
         batch_format="numpy",
         concurrency=concurrency or config.detect.concurrency,
@@ -182,7 +187,8 @@ def run_index(
             error_rows += failed
             written += store.upsert(rows, collection=collection)
         catch_up = _CatchUp(items_log, seen, lambda: EmbedCrops(str(model_dir), config.store.media,
-                                                                config.model.precision, batch_size, device))
+                                                                config.model.precision, batch_size, device,
+                                                                config.model.runtime))
         caught = catch_up(store, collection, version)
         moved = False
         if swap and written:

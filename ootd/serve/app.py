@@ -121,9 +121,9 @@ class Encoder:
         self.pipeline = await asyncio.to_thread(OutfitPipeline, config, path, config.model.device)
         self.model_dir = str(path)
         self._batch = Batcher(self._run, config.serve.max_batch_size, config.serve.batch_wait_timeout_s)
-        log.info("encoder %s ready (model dir %s, encoder on %s, detector on %s/%s, %d torch threads)",
-                 self.pipeline.model_version, path, config.model.device, config.detect.device,
-                 self.pipeline.detector.runtime.name, torch.get_num_threads())
+        log.info("encoder %s ready (model dir %s, encoder on %s/%s, detector on %s/%s, %d torch threads)",
+                 self.pipeline.model_version, path, config.model.device, self.pipeline.embedder.name,
+                 config.detect.device, self.pipeline.detector.runtime.name, torch.get_num_threads())
 
     def info(self) -> dict[str, Any]:
         """The model this replica serves."""

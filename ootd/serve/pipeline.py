@@ -26,20 +26,22 @@ class OutfitPipeline:
         """Loads the detector and the exported encoder once.
 
         Args:
-            config: supplies `detect`, `data.crop_max_side`, `serve.max_image_pixels` and `model.precision`.
+            config: supplies `detect`, `data.crop_max_side`, `serve.max_image_pixels`, `model.precision` and
+                `model.runtime`.
             model_dir: an exported model dir.
             device: torch device of the encoder.
         """
         from ootd.detect.yolo import Detector
         from ootd.model.export import load
+        from ootd.model.runtime import build_embedder
 
         self.detector = Detector(config.detect)
-        self.encoder = load(model_dir, device=device)
-        self.model_version: str = self.encoder.version
-        self.embed_dim: int = self.encoder.embed_dim
+        encoder = load(model_dir, device=device)
+        self.embedder = build_embedder(encoder, config.model.runtime, config.model.precision, device)
+        self.model_version: str = encoder.version
+        self.embed_dim: int = encoder.embed_dim
         self.max_side = config.data.crop_max_side
         self.max_pixels = config.serve.max_image_pixels
-        self.precision = config.model.precision
 
     def run(self, images: Sequence[bytes], want_crop: Sequence[bool] | None = None) -> list[dict[str, Any]]:
         """Embeds a batch of encoded photos with one detector call and one encoder call.
@@ -90,7 +92,7 @@ class OutfitPipeline:
                      for b, ob in zip(decoded, boxes, strict=True)]
             crops = [decode_crop(data) for data in jpegs]
         with metrics.stage("embed"):
-            vectors = self.encoder.embed(crops, batch_size=len(crops), precision=self.precision)
+            vectors = self.embedder.embed(crops, batch_size=len(crops))
         for k, i in enumerate(where):
             ob, image = boxes[k], decoded[k]
             sx, sy = image.scale  # back to the photo's own pixels when it was decoded reduced

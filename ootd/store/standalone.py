@@ -5,6 +5,8 @@ Tests and benchmarks use it to exercise a real server beside Milvus Lite; a sing
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -28,19 +30,44 @@ def free_port() -> int:
 
 
 def stop_group(proc: subprocess.Popen, grace: float = 20.0) -> None:
-    """SIGTERM the process group `proc` leads (and only that group), then SIGKILL what is left of it."""
-    if proc.poll() is None:
+    """SIGTERM the process group `proc` leads (and only that group), then SIGKILL what is left of it.
+
+    Returns once no process of the group is running, so its ports are free: Milvus' embedded etcd binds a fixed
+    peer port (2380), and a restart while the old server is still shutting down dies on it.
+    """
+    if group_running(proc.pid):
         os.killpg(proc.pid, signal.SIGTERM)
+        _wait_group(proc, grace)
+    if group_running(proc.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        _wait_group(proc, 10.0)
+    proc.poll()
+
+
+def group_running(pgid: int) -> list[int]:
+    """Pids of the processes in group `pgid` that still run (zombies do not: an orphan's may never be reaped)."""
+    running = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
         try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            pass
-    try:  # the leader may be gone while its children linger in the group
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    if proc.poll() is None:
-        proc.wait(timeout=10)
+            # Fields after the parenthesised command: state, ppid, pgrp, ...
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # exited meanwhile
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            running.append(int(entry.name))
+    return running
+
+
+def _wait_group(proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        proc.poll()  # reaps the leader, which is our child
+        if not group_running(proc.pid):
+            return
+        time.sleep(0.1)
 
 
 class LocalMilvus:
@@ -96,18 +123,33 @@ class LocalMilvus:
         # The proxy port opens before the coordinators are up: wait until a real call succeeds.
         from pymilvus import MilvusClient
 
-        deadline, last = time.monotonic() + timeout, None
-        while time.monotonic() < deadline:
-            if self._proc is not None and self._proc.poll() is not None:
-                raise RuntimeError(f"milvus-server exited with {self._proc.returncode}; see {self.data_dir}/server.log")
-            try:
-                client = MilvusClient(uri=self.uri, timeout=5)
-                client.list_collections()
-                client.close()
-                return
-            except Exception as exc:  # noqa: BLE001 - not ready yet; the last error is reported on timeout
-                last = exc
-                time.sleep(0.5)
+        started = time.monotonic()
+        deadline, last = started + timeout, None
+        # pymilvus logs each refused connection at ERROR with a traceback: expected until the server is up.
+        rpc_log = logging.getLogger("pymilvus.decorators")
+        level = rpc_log.level
+        rpc_log.setLevel(logging.CRITICAL)
+        try:
+            while time.monotonic() < deadline:
+                if self._proc is not None and self._proc.poll() is not None:
+                    raise RuntimeError(f"milvus-server exited with {self._proc.returncode}; "
+                                       f"see {self.data_dir}/server.log")
+                # The wrapper outlives a server that crashed on start (it then waits forever): the group is
+                # down to the wrapper alone once the server it launched has gone.
+                if self._proc is not None and time.monotonic() > started + 10 and len(
+                        group_running(self._proc.pid)) <= 1:
+                    raise RuntimeError(f"the Milvus server exited during start-up; see "
+                                       f"{self.data_dir}/logs/milvus-stderr.log")
+                try:
+                    client = MilvusClient(uri=self.uri, timeout=5)
+                    client.list_collections()
+                    client.close()
+                    return
+                except Exception as exc:  # noqa: BLE001 - not ready yet; the last error is reported on timeout
+                    last = exc
+                    time.sleep(0.5)
+        finally:
+            rpc_log.setLevel(level)
         self.stop()
         raise TimeoutError(f"Milvus standalone at {self.uri} not ready after {timeout:.0f}s: {last}")
 
