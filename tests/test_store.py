@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -329,3 +330,18 @@ def test_lite_file_held_by_another_process_is_a_clear_error(tmp_path):
 def test_unreachable_server_is_a_connection_error():
     with pytest.raises(ConnectionError, match="cannot reach Milvus"):
         MilvusStore(f"http://127.0.0.1:{free_port()}")
+
+
+def test_stopping_a_process_group_waits_for_members_that_ignore_sigterm():
+    """A restarted Milvus standalone died on a port its old server still held: `stop_group` must return only
+    once every process of the group is gone, the ones that ignore SIGTERM included."""
+    from ootd.store.standalone import group_running, stop_group
+
+    script = "trap '' TERM; sleep 60 & sleep 60 & wait"  # the shell and its children all ignore SIGTERM
+    proc = subprocess.Popen(["bash", "-c", script], start_new_session=True)
+    deadline = time.monotonic() + 10
+    while len(group_running(proc.pid)) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(group_running(proc.pid)) == 3
+    stop_group(proc, grace=0.5)
+    assert group_running(proc.pid) == [] and proc.returncode is not None

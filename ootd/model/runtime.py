@@ -9,6 +9,7 @@ OpenVINO ran the tiny encoder 1.2x faster than PyTorch at fp32 and, on a CPU wit
 from __future__ import annotations
 
 import logging
+import threading
 import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -83,6 +84,8 @@ class OpenVINOEmbedder:
             "INFERENCE_NUM_THREADS": int(threads), "ENABLE_CPU_PINNING": False,
             "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32", "PERFORMANCE_HINT": "LATENCY"})
         self.output = self.compiled.output(0)
+        # Calling a compiled model reuses one infer request, which is not thread-safe.
+        self._lock = threading.Lock()
 
     def embed(self, images: Sequence[Image.Image], batch_size: int) -> np.ndarray:
         """L2-normalised embeddings (N, embed_dim) of PIL crops."""
@@ -91,7 +94,8 @@ class OpenVINOEmbedder:
         out = np.empty((len(images), self.encoder.embed_dim), dtype=np.float32)
         for start in range(0, len(images), batch_size):
             pixels = self.encoder.preprocess(images[start:start + batch_size]).numpy()
-            vectors = np.asarray(self.compiled(pixels)[self.output], dtype=np.float32)
+            with self._lock:
+                vectors = np.array(self.compiled(pixels)[self.output], dtype=np.float32)
             # Renormalised: bf16 math leaves norms a few 1e-3 off 1, and Milvus' COSINE and our scores assume 1.
             out[start:start + len(pixels)] = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True),
                                                                   1e-12)
