@@ -123,8 +123,7 @@ class LocalMilvus:
         # The proxy port opens before the coordinators are up: wait until a real call succeeds.
         from pymilvus import MilvusClient
 
-        started = time.monotonic()
-        deadline, last = started + timeout, None
+        deadline, last, launched = time.monotonic() + timeout, None, False
         # pymilvus logs each refused connection at ERROR with a traceback: expected until the server is up.
         rpc_log = logging.getLogger("pymilvus.decorators")
         level = rpc_log.level
@@ -134,10 +133,12 @@ class LocalMilvus:
                 if self._proc is not None and self._proc.poll() is not None:
                     raise RuntimeError(f"milvus-server exited with {self._proc.returncode}; "
                                        f"see {self.data_dir}/server.log")
-                # The wrapper outlives a server that crashed on start (it then waits forever): the group is
-                # down to the wrapper alone once the server it launched has gone.
-                if self._proc is not None and time.monotonic() > started + 10 and len(
-                        group_running(self._proc.pid)) <= 1:
+                # The wrapper outlives a server that crashed on start (and then waits forever): once the server
+                # it launched has been seen, a group down to the wrapper alone means that server is gone.
+                members = len(group_running(self._proc.pid)) if self._proc is not None else 0
+                launched = launched or members > 1
+                if launched and members <= 1:
+                    self.stop()
                     raise RuntimeError(f"the Milvus server exited during start-up; see "
                                        f"{self.data_dir}/logs/milvus-stderr.log")
                 try:
