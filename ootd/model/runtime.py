@@ -1,9 +1,10 @@
 """Encoder inference runtimes: PyTorch, or the same encoder converted to OpenVINO for CPUs (`model.runtime`).
 
 Only inference uses this (the index job's embedding actors and the Serve Encoder); training, the feature cache
-and `ootd evaluate` always run PyTorch. Measured in benchmarks/results/encoder_runtime.md: on this machine's CPU
-OpenVINO ran the tiny encoder 1.2x faster than PyTorch at fp32 and, on a CPU with AMX, 1.9x at bf16 (cosine to fp32
->= 0.9999). Where the CPU has no bf16 support OpenVINO computes in fp32 whatever `model.precision` says.
+and `ootd evaluate` always run PyTorch. Measured in benchmarks/results/encoder_runtime*.md: at fp32 OpenVINO ran the
+tiny encoder 1.23x faster than PyTorch at batch 32 and 2.06x at batch 1, ViT-B-16 1.09x; on a CPU with AMX, 1.9x
+PyTorch at bf16 (cosine to fp32 >= 0.9999). Where the CPU has no bf16 units OpenVINO computes in fp32 whatever
+`model.precision` says.
 """
 
 from __future__ import annotations
