@@ -219,8 +219,10 @@ def pretrain_backbone(
     out: Annotated[Path, typer.Option(help="Output folder for the trunk weights and metrics.")] = Path("runs/pretrain"),
     n_train: Annotated[int, typer.Option(min=1, help="Training photos (attribute mode).")] = 16384,
     n_eval: Annotated[int, typer.Option(min=2, help="Held-out photos (their own seed stream).")] = 1024,
-    epochs: Annotated[int, typer.Option(min=1)] = 14,
+    epochs: Annotated[int, typer.Option(min=1)] = 10,
     batch_size: Annotated[int, typer.Option(min=1, help="Global batch, split across workers.")] = 128,
+    render_size: Annotated[int, typer.Option(min=64, help="Side of each rendered photo, before the outfit "
+                                                          "crop (the demo's photos are 256 px).")] = 256,
     lr: Annotated[float, typer.Option(min=0.0, help="Peak AdamW learning rate.")] = 1.5e-3,
     seed: int = 0,
     num_workers: Annotated[int, typer.Option(min=1, help="Ray Train (DDP) workers.")] = 2,
@@ -237,8 +239,10 @@ def pretrain_backbone(
     from ootd.train.pretrain import METRICS_FILE, WEIGHTS_FILE, PretrainSettings
     from ootd.train.pretrain import pretrain_backbone as run
 
-    settings = PretrainSettings(n_train=n_train, n_eval=n_eval, epochs=epochs, batch_size=batch_size, lr=lr,
-                                seed=seed, num_workers=num_workers, cpus_per_worker=cpus_per_worker, bf16=bf16)
+    settings = PretrainSettings(
+        n_train=n_train, n_eval=n_eval, epochs=epochs, batch_size=batch_size, lr=lr, render_size=render_size,
+        seed=seed, num_workers=num_workers, cpus_per_worker=cpus_per_worker, bf16=bf16,
+    )  # fmt: skip
     _warn_if_relative(out=out)
     _connect_ray(address)
     with _user_errors():

@@ -139,6 +139,9 @@ class TrainConfig:
     bf16: bool = False
     # Train from cached activations at the frozen/unfrozen boundary instead of images.
     feature_cache: bool = True
+    # Views per training crop: the crop and `augment_views - 1` style-preserving ones (flip, box jitter; never
+    # colour: `ootd.train.augment`). Cached views are fixed per crop; an epoch passes over every view.
+    augment_views: int = _bounded(1, lo=1, hi=32)
     val_fraction: float = _bounded(0.15, lo=0.0, hi=0.5)
     test_fraction: float = _bounded(0.15, lo=0.0, hi=0.5)
     seed: int = 0

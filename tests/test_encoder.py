@@ -68,7 +68,7 @@ def exported(tiny, tmp_path_factory) -> Path:
 
 def test_tiny_shapes_and_unit_norm(tiny):
     assert (tiny.feature_dim, tiny.embed_dim, tiny.depth) == (192, 128, 4)
-    assert tiny.preprocess_cfg["size"] == [64, 64]
+    assert tiny.preprocess_cfg["size"] == [128, 128]
     assert tiny.preprocess_cfg["mean"] == [0.5, 0.5, 0.5] and tiny.preprocess_cfg["resize_mode"] == "squash"
     emb = tiny.embed(_images(5), batch_size=2)
     assert emb.shape == (5, 128) and emb.dtype == np.float32
@@ -88,7 +88,7 @@ def test_tiny_is_registered_with_open_clip_idempotently(tiny):
     backbones.register_tiny()
     assert open_clip.list_models().count(backbones.TINY_OPEN_CLIP_NAME) == 1
     model = open_clip.create_model(backbones.TINY_OPEN_CLIP_NAME)
-    assert model.visual(torch.zeros(1, 3, 64, 64)).shape == (1, 192)
+    assert model.visual(torch.zeros(1, 3, 128, 128)).shape == (1, 192)
 
 
 def test_same_input_same_embedding_regardless_of_batching(tiny):
@@ -241,12 +241,12 @@ def test_bad_arguments_are_rejected(tiny):
 def test_non_square_crop_is_padded_not_stretched(tiny):
     red = Image.new("RGB", (20, 40), (255, 0, 0))  # tall crop: 2x as high as wide
     pixels = tiny.preprocess([red])[0]
-    assert pixels.shape == (3, 64, 64)
+    assert pixels.shape == (3, 128, 128)
     grey = (127 / 255 - 0.5) / 0.5
     # Side bands (a quarter of the width each) are the neutral fill, the centre is the red crop.
-    torch.testing.assert_close(pixels[:, :, :12], torch.full((3, 64, 12), grey), atol=1e-3, rtol=0)
-    torch.testing.assert_close(pixels[:, :, -12:], torch.full((3, 64, 12), grey), atol=1e-3, rtol=0)
-    assert pixels[0, :, 20:44].min() > 0.99 and pixels[1, :, 20:44].max() < -0.99
+    torch.testing.assert_close(pixels[:, :, :24], torch.full((3, 128, 24), grey), atol=1e-3, rtol=0)
+    torch.testing.assert_close(pixels[:, :, -24:], torch.full((3, 128, 24), grey), atol=1e-3, rtol=0)
+    assert pixels[0, :, 40:88].min() > 0.99 and pixels[1, :, 40:88].max() < -0.99
     stretched = tiny.transform(red)  # what a squash resize alone would give: red everywhere
     assert not torch.allclose(pixels, stretched, atol=0.1)
 
@@ -373,3 +373,19 @@ def test_marqo_config_with_random_weights_loads_as_local_dir(tmp_path):
         boundary = enc.boundary_features(pixels, 2)
         assert boundary.shape == (2, 196, 768)
         torch.testing.assert_close(enc.forward_from_boundary(boundary, 2), enc(pixels), atol=1e-4, rtol=0)
+
+
+def test_model_dirs_exported_with_the_first_64px_trunk_still_build():
+    import copy
+
+    from open_clip.model import CustomTextCLIP
+
+    from ootd.model import backbones
+
+    backbones.register_tiny()
+    cfg = copy.deepcopy(backbones.TINY_MODEL_CFG)
+    cfg.pop("custom_text")
+    cfg["vision_cfg"].update(image_size=64, timm_model_name=backbones.TINY_TIMM_NAME_V1)
+    visual = CustomTextCLIP(**cfg).visual
+    assert visual.trunk.patch_embed.patch_size == (8, 8)
+    assert visual(torch.zeros(1, 3, 64, 64)).shape == (1, 192)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 
@@ -125,7 +126,8 @@ def test_actor_refuses_a_backbone_that_does_not_rebuild_identically(tiny_config)
 @pytest.mark.slow
 def test_cache_job_writes_every_labelled_crop_once_and_is_reused(ray_session, synthetic_set, tiny_config, tmp_path):
     crops = write_crops_table(synthetic_set, tmp_path, files=3, unlabelled=4)
-    cfg = with_overrides(tiny_config, ["train.num_workers=1", "train.cpus_per_worker=0.5"])
+    # One view per crop: augmented views are the subject of the test below.
+    cfg = with_overrides(tiny_config, ["train.num_workers=1", "train.cpus_per_worker=0.5", "train.augment_views=1"])
     cache = build_feature_cache(cfg, crops, tmp_path / "work")
     assert not cache.reused
     assert cache.path.parent == tmp_path / "work" / "feature_cache"
@@ -157,3 +159,27 @@ def test_cache_job_writes_every_labelled_crop_once_and_is_reused(ray_session, sy
     # Another boundary is another cache.
     k2 = build_feature_cache(cfg, crops, tmp_path / "work", unlocked_blocks=2)
     assert k2.path != cache.path and not k2.reused and k2.unlocked_blocks == 2
+
+
+def test_training_crops_get_their_augmented_views_and_evaluation_crops_only_themselves(tiny_config, crops_batch):
+    from ootd.splits import group_split_of
+    from ootd.train.feature_cache import ViewPlan
+
+    encoder = build_encoder(tiny_config.model)
+    fingerprint = weights_fingerprint(encoder)
+    # Content-hash-like ids and fractions that put three labelled crops in train and one in val.
+    ids = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(len(crops_batch["image_id"]))]
+    batch = {**crops_batch, "image_id": np.array(ids, dtype=object)}
+    plan = ViewPlan(train_views=3, val_fraction=0.15, test_fraction=0.15)
+    out = BoundaryFeatures(tiny_config.model, 1, fingerprint, plan=plan)(batch).to_pydict()
+    plain = BoundaryFeatures(tiny_config.model, 1, fingerprint)(batch).to_pydict()
+    labelled = [i for i, s in zip(batch["image_id"], batch["style"], strict=True) if s is not None]
+    splits = {i: group_split_of(i, None, 0.15, 0.15) for i in labelled}
+    assert {"train"} < set(splits.values())  # both kinds are exercised
+    for image_id in labelled:
+        views = [v for i, v in zip(out["image_id"], out["view"], strict=True) if i == image_id]
+        assert views == ([0, 1, 2] if splits[image_id] == "train" else [0])
+    # View 0 is the crop itself: the same activations as without augmentation; other views differ.
+    first = {i: f for i, v, f in zip(out["image_id"], out["view"], out["features"], strict=True) if v == 0}
+    assert first == dict(zip(plain["image_id"], plain["features"], strict=True))
+    assert len(set(out["features"])) == len(out["features"])

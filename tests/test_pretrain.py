@@ -28,7 +28,7 @@ def test_rendered_crops_are_deterministic_labelled_and_streams_are_disjoint():
     x, y = render_set(TRAIN_STREAM, range(4), SMALL)
     x2, y2 = render_set(TRAIN_STREAM, range(4), SMALL)
     ex, _ = render_set(EVAL_STREAM, range(4), SMALL)
-    assert x.shape == (4, 3, 64, 64) and y.shape == (4, len(attribute_sizes())) and y.dtype == torch.int64
+    assert x.shape == (4, 3, 128, 128) and y.shape == (4, len(attribute_sizes())) and y.dtype == torch.int64
     assert torch.equal(x, x2) and torch.equal(y, y2)
     assert not any(torch.equal(a, b) for a in x for b in ex)  # held-out photos are never training photos
     sizes = torch.tensor(list(attribute_sizes().values()))
@@ -118,5 +118,5 @@ def test_pretrain_runs_under_ray_train_ddp_and_writes_a_loadable_trunk(ray_sessi
     assert json.loads((tmp_path / "out" / METRICS_FILE).read_text())["weights_bytes"] == summary["weights_bytes"]
     monkeypatch.setattr(backbones, "TINY_WEIGHTS", tmp_path / "out" / WEIGHTS_FILE)
     model, _ = backbones.create_open_clip("tiny")
-    features = model.visual(torch.zeros(2, 3, 64, 64))
+    features = model.visual(torch.zeros(2, 3, 128, 128))
     assert features.shape == (2, 192) and bool(np.isfinite(features.detach().numpy()).all())

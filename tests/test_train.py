@@ -377,8 +377,10 @@ def test_train_job_ddp_exports_a_model_that_beats_the_frozen_backbone(ray_cluste
     assert summary["model_dir"] == str(model_dir) and model_dir.parent == work / "models"
     assert [h["epoch"] for h in summary["history"]] == list(range(1, 16))
     assert summary["feature_cache"] and Path(summary["feature_cache"]).parent == work / "feature_cache"
-    # Both DDP workers trained: summed over workers, an epoch sees more rows than one worker's half of the split.
-    train_rows = sum(split_of(i, 0.3, 0.0) == "train" for i in pd.read_parquet(crops)["image_id"])
+    # Both DDP workers trained: summed over workers, an epoch sees more rows than one worker's half of the split
+    # (each training crop cached with its augmented views).
+    views = tiny_config.train.augment_views
+    train_rows = views * sum(split_of(i, 0.3, 0.0) == "train" for i in pd.read_parquet(crops)["image_id"])
     assert all(train_rows / 2 < h["samples"] <= train_rows for h in summary["history"])
     # Checkpoints are ranked by validation mAP@10: the exported epoch is the best one seen.
     assert summary["metrics"]["val_map_at_10"] == max(h["val_map_at_10"] for h in summary["history"])

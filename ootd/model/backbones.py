@@ -22,7 +22,9 @@ TINY_WEIGHTS = Path(__file__).resolve().parents[1] / "assets" / "tiny-backbone.s
 TINY_INIT_SEED = 0
 # The name `tiny` is registered under in open_clip's model registry, and the timm trunk it is built on.
 TINY_OPEN_CLIP_NAME = "ootd-tiny-vit"
-TINY_TIMM_NAME = "ootd_tiny_vit_64"
+TINY_TIMM_NAME = "ootd_tiny_vit_128"
+# The first tiny trunk (64 px, patch 8): still registered so that model dirs exported with it keep loading.
+TINY_TIMM_NAME_V1 = "ootd_tiny_vit_64"
 
 # Same family as ViT-B-16-SigLIP (timm trunk, MAP pooling, no class token, no projection) so freezing and
 # caching take the same code paths as the production model. The text tower only exists so that an exported
@@ -32,7 +34,7 @@ TINY_MODEL_CFG: dict[str, Any] = {
     "init_logit_bias": -10,
     "custom_text": True,
     "vision_cfg": {
-        "image_size": 64,
+        "image_size": 128,
         "timm_model_name": TINY_TIMM_NAME,
         "timm_model_pretrained": False,
         "timm_pool": "map",
@@ -50,15 +52,17 @@ TINY_MODEL_CFG: dict[str, Any] = {
     },
 }
 TINY_PREPROCESS_CFG: dict[str, Any] = {
-    "size": 64,
+    "size": 128,
     "mean": [0.5, 0.5, 0.5],
     "std": [0.5, 0.5, 0.5],
     "interpolation": "bicubic",
     "resize_mode": "squash",
 }
+# 128 px in patches of 16: the 64 tokens (and so the compute) of the first 64 px / patch 8 trunk, but a stripe or
+# check a few pixels wide in a crop survives the resize (at 64 px it was mostly gone).
 _TINY_VIT_ARGS = {
-    "img_size": 64,
-    "patch_size": 8,
+    "img_size": 128,
+    "patch_size": 16,
     "embed_dim": 192,
     "depth": 4,
     "num_heads": 3,
@@ -81,8 +85,8 @@ class ModelNotAvailable(RuntimeError):
     """A backbone's weights are not on this machine; the message says what to download or which dir to pass."""
 
 
-def ootd_tiny_vit_64(pretrained: bool = False, **kwargs: Any) -> torch.nn.Module:
-    """timm entrypoint of the tiny trunk: ViT, 64 px, patch 8, width 192, depth 4, 3 heads, MAP pooling.
+def ootd_tiny_vit_128(pretrained: bool = False, **kwargs: Any) -> torch.nn.Module:
+    """timm entrypoint of the tiny trunk: ViT, 128 px, patch 16, width 192, depth 4, 3 heads, MAP pooling.
 
     Args:
         pretrained: must be False: ootd loads the pretrained trunk itself (`create_open_clip("tiny")`).
@@ -92,11 +96,19 @@ def ootd_tiny_vit_64(pretrained: bool = False, **kwargs: Any) -> torch.nn.Module
     Raises:
         ModelNotAvailable: when pretrained weights are requested.
     """
+    return _tiny_vit(TINY_TIMM_NAME, pretrained, kwargs)
+
+
+def ootd_tiny_vit_64(pretrained: bool = False, **kwargs: Any) -> torch.nn.Module:
+    """timm entrypoint of the first tiny trunk (64 px, patch 8), for model dirs exported with it."""
+    return _tiny_vit(TINY_TIMM_NAME_V1, pretrained, {"img_size": 64, "patch_size": 8, **kwargs})
+
+
+def _tiny_vit(name: str, pretrained: bool, kwargs: dict[str, Any]) -> torch.nn.Module:
     from timm.models.vision_transformer import VisionTransformer
 
     if pretrained:
-        raise ModelNotAvailable(f"{TINY_TIMM_NAME} has no timm-hosted weights; use backbone 'tiny', which loads "
-                                f"{TINY_WEIGHTS}")
+        raise ModelNotAvailable(f"{name} has no timm-hosted weights; use backbone 'tiny', which loads {TINY_WEIGHTS}")
     for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
         kwargs.pop(key, None)
     return VisionTransformer(**{**_TINY_VIT_ARGS, **kwargs})
@@ -108,8 +120,9 @@ def register_tiny() -> None:
     import timm
     from open_clip import factory
 
-    if not timm.is_model(TINY_TIMM_NAME):
-        timm.models.register_model(ootd_tiny_vit_64)
+    for name, entrypoint in ((TINY_TIMM_NAME, ootd_tiny_vit_128), (TINY_TIMM_NAME_V1, ootd_tiny_vit_64)):
+        if not timm.is_model(name):
+            timm.models.register_model(entrypoint)
     if TINY_OPEN_CLIP_NAME not in open_clip.list_models():
         # open_clip only offers add_model_config(json file); its in-memory registry is the same table without
         # shipping a file, and later rescans keep entries already present.

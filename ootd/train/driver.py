@@ -192,7 +192,9 @@ def build_trainer(config: Config, data: TrainData, *, storage_path: str | Path) 
         log.warning("train.styles_per_batch=%d but only %d styles train: using %d", tcfg.styles_per_batch, p, p)
     tcfg = dataclasses.replace(tcfg, styles_per_batch=p)
     batch = p * tcfg.images_per_style
-    steps_per_epoch = max(1, data.counts["train"] // (tcfg.num_workers * batch))
+    # Cached views are rows of their own; from images each epoch draws one fresh view per crop.
+    train_rows = data.counts["train"] * (tcfg.augment_views if data.source == "cache" else 1)
+    steps_per_epoch = max(1, train_rows // (tcfg.num_workers * batch))
     settings = LoopSettings(
         model=config.model,
         train=tcfg,

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: a `view` column (augmented views of training crops, `ootd.train.augment`)
 MANIFEST = "cache.json"
 
 
@@ -41,7 +41,7 @@ class FeatureCache:
         path: the cache directory (`<workdir>/feature_cache/<key>`), parquet parts plus `cache.json`.
         key: hash of backbone weights, unlocked blocks, preprocessing and the crops snapshot.
         shape: shape of one row's activations (tokens × width for k ≥ 1, feature_dim for k = 0).
-        rows: labelled crops cached.
+        rows: rows cached: one per labelled crop and augmented view.
         errors: crops that could not be decoded (kept as rows with an `error` and no features).
         unlocked_blocks: the boundary: activations entering the first of the top k blocks.
         fingerprint: weights fingerprint of the encoder that produced it.
@@ -58,8 +58,9 @@ class FeatureCache:
     reused: bool = False
 
 
-def cache_key(backbone: str, unlocked_blocks: int, fingerprint: str, preprocess: dict, snapshot: list) -> str:
-    """The cache directory name: any change to weights, boundary, preprocessing or crops gives a new one."""
+def cache_key(backbone: str, unlocked_blocks: int, fingerprint: str, preprocess: dict, snapshot: list,
+              views: dict | None = None) -> str:  # fmt: skip
+    """The cache directory name: any change to weights, boundary, preprocessing, crops or views gives a new one."""
     payload = json.dumps(
         {
             "format": CACHE_FORMAT,
@@ -68,6 +69,7 @@ def cache_key(backbone: str, unlocked_blocks: int, fingerprint: str, preprocess:
             "fingerprint": fingerprint,
             "preprocess": preprocess,
             "crops": snapshot,
+            "views": views or {"train_views": 1},
         },
         sort_keys=True,
         default=str,
@@ -94,15 +96,40 @@ def decode_features(blobs: Sequence[bytes], shape: Sequence[int]) -> np.ndarray:
 def _schema() -> pa.Schema:
     import pyarrow as pa
 
-    return pa.schema(
-        [("image_id", pa.string()), ("style", pa.string()), ("features", pa.binary()), ("error", pa.string())]
-    )
+    return pa.schema([("image_id", pa.string()), ("style", pa.string()), ("view", pa.int16()),
+                      ("features", pa.binary()), ("error", pa.string())])  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ViewPlan:
+    """Which crops get augmented views: those of the train split (validation and test are scored on view 0).
+
+    Attributes:
+        train_views: views per training crop, the crop itself included (1: no augmentation).
+        val_fraction: the split's fractions, as `train.val_fraction` / `train.test_fraction`.
+        test_fraction: see `val_fraction`.
+    """
+
+    train_views: int = 1
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+
+    def views_for(self, image_id: str, near_dup_of: str | None) -> int:
+        """How many views to cache for one crop."""
+        from ootd.splits import group_split_of
+
+        if self.train_views <= 1:
+            return 1
+        split = group_split_of(image_id, near_dup_of, self.val_fraction, self.test_fraction)
+        return self.train_views if split == "train" else 1
 
 
 class BoundaryFeatures:
-    """Ray Data actor: loads the encoder once, turns crop bytes into boundary activations (fp16 bytes)."""
+    """Ray Data actor: loads the encoder once, turns crop bytes (and their augmented views) into boundary
+    activations (fp16 bytes), one row per view."""
 
-    def __init__(self, model: ModelConfig, unlocked_blocks: int, fingerprint: str, device: str = "cpu"):
+    def __init__(self, model: ModelConfig, unlocked_blocks: int, fingerprint: str, device: str = "cpu",
+                 plan: ViewPlan | None = None):  # fmt: skip
         import pyarrow
         import torch
 
@@ -110,6 +137,7 @@ class BoundaryFeatures:
         self.torch, self.pa = torch, pyarrow
         self.schema = _schema()
         self.device = device
+        self.plan = plan or ViewPlan()
         self.unlocked_blocks = unlocked_blocks
         self.encoder = build_encoder(model).to(device).eval()
         got = weights_fingerprint(self.encoder)
@@ -120,18 +148,25 @@ class BoundaryFeatures:
             )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        ids, styles, blobs, errors, images = [], [], [], [], []
-        for image_id, style, crop in zip(batch["image_id"], batch["style"], batch["crop"], strict=True):
+        from ootd.train.augment import views_of
+
+        ids, styles, views, errors, images = [], [], [], [], []
+        groups = batch.get("near_dup_of", [None] * len(batch["image_id"]))
+        for image_id, style, crop, group in zip(batch["image_id"], batch["style"], batch["crop"], groups,
+                                                strict=True):  # fmt: skip
             if style is None:
                 continue  # unlabelled crops never train
-            ids.append(image_id)
-            styles.append(style)
             try:
-                images.append(decode_crop(crop))
-                errors.append(None)
+                crop_views = views_of(decode_crop(crop), image_id, self.plan.views_for(image_id, group))
+                error = None
             except Exception as exc:  # a corrupt crop loses only itself
-                images.append(None)
-                errors.append(f"crop does not decode: {type(exc).__name__}: {exc}")
+                crop_views, error = [None], f"crop does not decode: {type(exc).__name__}: {exc}"
+            for view, image in enumerate(crop_views):
+                ids.append(image_id)
+                styles.append(style)
+                views.append(view)
+                images.append(image)
+                errors.append(error)
         blobs = [None] * len(ids)
         good = [i for i, image in enumerate(images) if image is not None]
         if good:
@@ -142,7 +177,8 @@ class BoundaryFeatures:
             for row, i in enumerate(good):
                 blobs[i] = feats[row].tobytes()
         # An explicit schema: an all-null `error` column would otherwise be written with Arrow's null type.
-        return self.pa.table({"image_id": ids, "style": styles, "features": blobs, "error": errors}, schema=self.schema)
+        table = {"image_id": ids, "style": styles, "view": views, "features": blobs, "error": errors}
+        return self.pa.table(table, schema=self.schema)
 
 
 def probe_encoder(model: ModelConfig, unlocked_blocks: int) -> dict[str, Any]:
@@ -196,7 +232,9 @@ def build_feature_cache(
     snapshot = crops_snapshot(crops_dir)
     if probe is None or probe.get("unlocked_blocks") != k:
         probe = probe_encoder(config.model, k)
-    key = cache_key(config.model.backbone, k, probe["fingerprint"], probe["preprocess"], snapshot)
+    tcfg = config.train
+    plan = ViewPlan(tcfg.augment_views, tcfg.val_fraction, tcfg.test_fraction)
+    key = cache_key(config.model.backbone, k, probe["fingerprint"], probe["preprocess"], snapshot, asdict(plan))
     root = Path(workdir) / "feature_cache"
     final = root / key
     if (final / MANIFEST).exists():
@@ -210,7 +248,8 @@ def build_feature_cache(
     started = time.monotonic()
     try:
         files = [str(Path(crops_dir).resolve() / name) for name, _ in snapshot]  # exactly what the key hashed
-        ds = ray.data.read_parquet(files).select_columns(["image_id", "style", "crop"])
+        columns = ["image_id", "style", "crop"] + (["near_dup_of"] if "near_dup_of" in _columns(files) else [])
+        ds = ray.data.read_parquet(files).select_columns(columns)
         ds = ds.map_batches(
             BoundaryFeatures,
             fn_constructor_kwargs={
@@ -218,6 +257,7 @@ def build_feature_cache(
                 "unlocked_blocks": k,
                 "fingerprint": probe["fingerprint"],
                 "device": "cuda" if use_gpu else "cpu",
+                "plan": plan,
             },
             batch_size=max(8, config.train.styles_per_batch * config.train.images_per_style),
             batch_format="numpy",
@@ -239,6 +279,7 @@ def build_feature_cache(
             "dtype": "float16",
             "rows": rows,
             "errors": errors,
+            "views": asdict(plan),
             "crops": {"dir": str(Path(crops_dir).resolve()), "files": snapshot},
             "seconds": round(time.monotonic() - started, 2),
         }
@@ -279,6 +320,12 @@ def read_cache(path: str | Path) -> FeatureCache:
         unlocked_blocks=meta["unlocked_blocks"],
         fingerprint=meta["fingerprint"],
     )
+
+
+def _columns(files: list[str]) -> set[str]:
+    import pyarrow.parquet as pq
+
+    return set(pq.read_schema(files[0]).names) if files else set()
 
 
 def _count_rows(path: Path) -> tuple[int, int]:

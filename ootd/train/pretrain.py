@@ -53,12 +53,12 @@ class PretrainSettings:
 
     n_train: int = 16384
     n_eval: int = 1024
-    epochs: int = 14
+    epochs: int = 10
     batch_size: int = 128
     lr: float = 1.5e-3
     weight_decay: float = 0.05
     warmup_fraction: float = 0.05
-    render_size: int = 160
+    render_size: int = 256
     max_pad: float = 0.12
     seed: int = 0
     num_workers: int = 2

@@ -212,8 +212,10 @@ def run_epoch(worker: Worker, model: torch.nn.Module, shard, progress: Progress,
     started = time.perf_counter()
     loss_sum, steps, samples = 0.0, 0, 0
     # DDP needs every worker to take the same steps: the epoch ends when any shard runs dry.
+    # From images, a training crop is replaced by a random style-preserving view when augmentation is on.
+    augment = np.random.default_rng(seed) if tcfg.augment_views > 1 and not settings.from_cache else None
     while _all_workers((batch := next(batches, None)) is not None, world):
-        inputs, labels = collate(batch, settings.from_cache, settings.shape, worker.encoder)
+        inputs, labels = collate(batch, settings.from_cache, settings.shape, worker.encoder, augment)
         set_lr(worker.optimizer, lr_factor(progress.step, progress.total_steps, tcfg.warmup_fraction))
         inputs, labels = inputs.to(worker.device), labels.to(worker.device)
         loss = train_step(model, worker.optimizer, worker.loss_fn, inputs, labels, worker.autocast)
@@ -346,19 +348,30 @@ def parameter_counts(encoder: StyleEncoder) -> tuple[int, int]:
 
 
 def collate(
-    batch: list[tuple[int, Any]], from_cache: bool, shape: tuple[int, ...] | None, encoder: StyleEncoder
+    batch: list[tuple[int, Any]],
+    from_cache: bool,
+    shape: tuple[int, ...] | None,
+    encoder: StyleEncoder,
+    augment: np.random.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(label, payload) rows → (inputs, labels): cached fp16 activations, or decoded and preprocessed crops."""
+    """(label, payload) rows → (inputs, labels): cached fp16 activations, or decoded and preprocessed crops.
+
+    With `augment`, each decoded crop (view 0 half the time) becomes a random view (`ootd.train.augment`).
+    """
     import torch
 
     from ootd.decode import decode_crop
+    from ootd.train.augment import augmented_view
     from ootd.train.feature_cache import decode_features
 
     labels = torch.tensor([label for label, _ in batch], dtype=torch.long)
     payloads = [payload for _, payload in batch]
     if from_cache:
         return torch.from_numpy(decode_features(payloads, shape)).float(), labels
-    return encoder.preprocess([decode_crop(b) for b in payloads]), labels
+    images = [decode_crop(b) for b in payloads]
+    if augment is not None:
+        images = [augmented_view(im, augment) if augment.random() < 0.5 else im for im in images]
+    return encoder.preprocess(images), labels
 
 
 def iter_rows(shard, payload: str, seed: int) -> Iterator[tuple[int, bytes]]:
