@@ -53,15 +53,18 @@ def test_decode_features_round_trip_and_bad_rows():
 
 
 def test_cache_key_changes_with_everything_that_changes_activations():
-    base = ("tiny", 1, "abc", {"size": 64}, [("part-0.parquet", 10)])
+    parts = [("part-0.parquet", 10)]
+    views = {"train_views": 1, "val_fraction": 0.15, "test_fraction": 0.15}
+    base = ("tiny", 1, "abc", {"size": 64}, parts, views)
     key = cache_key(*base)
     assert key.startswith("k1-") and key == cache_key(*base)
     changed = [
-        ("tiny2", 1, "abc", {"size": 64}, [("part-0.parquet", 10)]),
-        ("tiny", 2, "abc", {"size": 64}, [("part-0.parquet", 10)]),
-        ("tiny", 1, "abd", {"size": 64}, [("part-0.parquet", 10)]),
-        ("tiny", 1, "abc", {"size": 96}, [("part-0.parquet", 10)]),
-        ("tiny", 1, "abc", {"size": 64}, [("part-0.parquet", 10), ("part-1.parquet", 5)]),
+        ("tiny2", 1, "abc", {"size": 64}, parts, views),
+        ("tiny", 2, "abc", {"size": 64}, parts, views),
+        ("tiny", 1, "abd", {"size": 64}, parts, views),
+        ("tiny", 1, "abc", {"size": 96}, parts, views),
+        ("tiny", 1, "abc", {"size": 64}, [*parts, ("part-1.parquet", 5)], views),
+        ("tiny", 1, "abc", {"size": 64}, parts, {**views, "train_views": 4}),
     ]
     assert len({cache_key(*c) for c in changed} | {key}) == len(changed) + 1
 

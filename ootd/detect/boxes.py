@@ -180,7 +180,11 @@ def box_iou(a: Box, b: Box) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def pad_to_square(image: Image.Image, fill: tuple[int, int, int] = (127, 127, 127)) -> Image.Image:
+# The neutral grey every padding uses (square padding here, out-of-image box jitter in `ootd.train.augment`).
+PAD_FILL = (127, 127, 127)
+
+
+def pad_to_square(image: Image.Image, fill: tuple[int, int, int] = PAD_FILL) -> Image.Image:
     """Centres the image on a square canvas of its long side, filled with a neutral colour.
 
     Squaring before the backbone's resize keeps the outfit's aspect ratio (the backbone's "squash" resize

@@ -12,13 +12,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ootd.detect.boxes import PAD_FILL
+
 if TYPE_CHECKING:
     from PIL import Image
 
 # Each side of the box moves by up to this fraction of the crop's width or height, inwards (a tighter box) or
-# outwards (more background, filled with the neutral pad colour the square padding uses).
+# outwards (more background, filled with PAD_FILL, the neutral grey of the square padding).
 BOX_JITTER = 0.12
-PAD_FILL = (127, 127, 127)
 
 
 def view_seed(image_id: str, view: int) -> int:

@@ -59,7 +59,7 @@ class FeatureCache:
 
 
 def cache_key(backbone: str, unlocked_blocks: int, fingerprint: str, preprocess: dict, snapshot: list,
-              views: dict | None = None) -> str:  # fmt: skip
+              views: dict) -> str:  # fmt: skip
     """The cache directory name: any change to weights, boundary, preprocessing, crops or views gives a new one."""
     payload = json.dumps(
         {
@@ -69,7 +69,7 @@ def cache_key(backbone: str, unlocked_blocks: int, fingerprint: str, preprocess:
             "fingerprint": fingerprint,
             "preprocess": preprocess,
             "crops": snapshot,
-            "views": views or {"train_views": 1},
+            "views": views,
         },
         sort_keys=True,
         default=str,
