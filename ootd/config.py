@@ -220,6 +220,10 @@ class ServeConfig:
     # Ray Serve's throughput-optimized settings (what RAY_SERVE_THROUGHPUT_OPTIMIZED sets, less direct ingress,
     # which would move the HTTP port), given to the controller, proxy and every replica (ootd.serve.app).
     throughput_optimized: bool = True
+    # HAProxy in front of the Ingress replicas instead of Serve's Python proxy (ootd.serve.app.HAPROXY_ENV): the
+    # fastest front on one node. Its stats page (port 8404) and metrics (9101) listen on every interface, and on
+    # a multi-node cluster `serve.host` must be reachable from the other nodes; false: Serve's Python proxy.
+    haproxy: bool = True
     # One access-log line per request per hop (proxy, ingress, encoder, index); errors are logged either way.
     access_log: bool = False
     # Level of the Serve controller, proxy and replica logs.

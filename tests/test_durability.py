@@ -45,9 +45,9 @@ def _export(cfg, models_dir, seed: int):
 def _deploy(cfg, port: int) -> str:
     from ray import serve
 
-    from ootd.serve.app import APP_NAME, make_app
+    from ootd.serve.app import APP_NAME, make_app, start_serve
 
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    start_serve(with_overrides(cfg, [f"serve.port={port}"]))
     serve.run(make_app(cfg), name=APP_NAME, route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     wait_for_http(f"{url}/readyz", timeout=180)

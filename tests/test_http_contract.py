@@ -86,7 +86,7 @@ def contract_app(ray_cluster, ray_session, tiny_config, synthetic_set, tmp_path_
     from ray import serve
 
     from ootd.index import run_index
-    from ootd.serve.app import APP_NAME, make_app
+    from ootd.serve.app import APP_NAME, make_app, start_serve
     from tests.test_durability import _export
     from tests.test_index import write_detected_crops
 
@@ -99,7 +99,7 @@ def contract_app(ray_cluster, ray_session, tiny_config, synthetic_set, tmp_path_
     model = _export(cfg, root / "models", seed=3)  # an untrained model: the contract needs no ranking
     run_index(cfg, crops, model, batch_size=16)
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    start_serve(with_overrides(cfg, [f"serve.port={port}"]))
     serve.run(make_app(cfg), name=APP_NAME, route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     try:

@@ -75,7 +75,7 @@ def app(request, ray_cluster, ray_session, tiny_config, synthetic_set, tmp_path_
     import requests
     from ray import serve
 
-    from ootd.serve.app import APP_NAME, make_app
+    from ootd.serve.app import APP_NAME, make_app, start_serve
 
     root = tmp_path_factory.mktemp("serve")
     uri = (reset_milvus(request.getfixturevalue("milvus_standalone")) if request.param == "standalone"
@@ -98,7 +98,7 @@ def app(request, ray_cluster, ray_session, tiny_config, synthetic_set, tmp_path_
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
 
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    start_serve(with_overrides(cfg, [f"serve.port={port}"]))
     # No model dir given: the app serves the model of the live collection the job just filled.
     serve.run(make_app(cfg), name=APP_NAME, route_prefix="/")
     url = f"http://127.0.0.1:{port}"
@@ -180,7 +180,7 @@ def test_serve_config_yaml_builds_the_app(monkeypatch, tmp_path):
     from ray.serve import Application
 
     from ootd.config import ConfigError, load_config
-    from ootd.serve.app import builder_args
+    from ootd.serve.app import builder_args, serve_env
 
     spec = yaml.safe_load((REPO / "serve_config.yaml").read_text())
     (entry,) = spec["applications"]
@@ -188,6 +188,8 @@ def test_serve_config_yaml_builds_the_app(monkeypatch, tmp_path):
     builder = getattr(importlib.import_module(module), name)
     defaults = load_config("default").serve
     assert spec["http_options"] == {"host": defaults.host, "port": defaults.port}
+    # The controller (and the proxy or HAProxy it starts) runs with the environment the app gives its replicas.
+    assert spec["controller_options"]["runtime_env"]["env_vars"] == serve_env(load_config("default"))
     monkeypatch.chdir(tmp_path)
     assert isinstance(builder(entry["args"]), Application)
     assert isinstance(builder({"config": "tiny"}), Application)

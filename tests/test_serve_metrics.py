@@ -49,7 +49,7 @@ def metrics_app(ray_cluster, ray_session, tiny_config, synthetic_set, tmp_path_f
     from ray import serve
 
     from ootd.index import run_index
-    from ootd.serve.app import make_app
+    from ootd.serve.app import make_app, start_serve
     from tests.test_durability import _export
     from tests.test_index import write_detected_crops
 
@@ -60,7 +60,7 @@ def metrics_app(ray_cluster, ray_session, tiny_config, synthetic_set, tmp_path_f
     crops = write_detected_crops(synthetic_set, root / "crops", cfg.detect, cfg.data.crop_max_side)
     run_index(cfg, crops, _export(cfg, root / "models", seed=5), batch_size=16)  # metrics need no ranking
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    start_serve(with_overrides(cfg, [f"serve.port={port}"]))
     serve.run(make_app(cfg), name=APP, route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     try:

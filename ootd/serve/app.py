@@ -282,8 +282,8 @@ def index_batch_size(config: Config) -> int:
 
 # Ray Serve reads these when a process imports it, so they go to the controller (which starts the proxy, and the
 # proxy inherits them) and into every replica's runtime_env. They are what RAY_SERVE_THROUGHPUT_OPTIMIZED=1 sets
-# (Ray 2.60 `serve/_private/constants.py`) except direct ingress, which serves HTTP from the ingress replicas on
-# ports 30000+ instead of `serve.port`; RAY_SERVE_LOG_TO_STDERR=0, which would hide replica errors from the
+# (Ray 2.60 `serve/_private/constants.py`) except direct ingress on its own (HAPROXY_ENV turns it on behind
+# HAProxy, which keeps `serve.port`); RAY_SERVE_LOG_TO_STDERR=0, which would hide replica errors from the
 # console; and RAY_SERVE_USE_GRPC_BY_DEFAULT=1 (gRPC between deployments), which saved ~1 ms CPU a request
 # (benchmarks/serve_load.py) but reports a dead replica as a gRPC error rather than the RayActorError that
 # `_with_retry` retries and turns into a 503.
@@ -293,11 +293,22 @@ THROUGHPUT_ENV = {
     "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",  # request-path logs flushed in blocks (at once on ERROR)
     "RAY_SERVE_FREEZE_GC_ON_STARTUP": "1",  # the loaded model's objects leave the garbage collector's scans
 }
+# HAProxy (the binary ray[serve] ships) on `serve.host:serve.port` in place of Serve's Python proxy, forwarding
+# HTTP straight to the Ingress replicas (direct ingress, on ports 30000+ of `serve.host`). Measured on 2 cores
+# (benchmarks/results/serve_load.md): the Python proxy and the extra hop cost ~6 ms of CPU per /v1/embed, a
+# quarter of the request. Ray's default holds a stopping Ingress replica open 30 s so that load balancers can
+# deregister it; HAProxy is told at once and retries refused connections, so 2 s is enough and `serve
+# shutdown` and redeploys are not 30 s slower.
+HAPROXY_ENV = {
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+}
 
 
 def serve_env(config: Config) -> dict[str, str]:
     """The Ray Serve environment of every Serve process of the app (empty: Ray's defaults)."""
-    return dict(THROUGHPUT_ENV) if config.serve.throughput_optimized else {}
+    s = config.serve
+    return {**(THROUGHPUT_ENV if s.throughput_optimized else {}), **(HAPROXY_ENV if s.haproxy else {})}
 
 
 def logging_config(config: Config) -> dict[str, Any]:
@@ -396,6 +407,18 @@ def builder_args(args: dict[str, Any]) -> tuple[Config, str | None, bool]:
     return config, args.get("model_dir") or None, bool(batch)
 
 
+def start_serve(config: Config) -> None:
+    """Starts Serve on the connected cluster with the app's HTTP, logging and environment settings.
+
+    The controller's options apply when this call creates it (a fresh cluster, as `ootd serve` starts); on a
+    cluster whose Serve runs already they are Ray's warning, and its controller keeps what it started with.
+    """
+    env = serve_env(config)
+    serve.start(http_options={"host": config.serve.host, "port": config.serve.port},
+                logging_config=logging_config(config),
+                controller_options={"runtime_env": {"env_vars": env}} if env else None)
+
+
 def run_app(
     config: Config,
     *,
@@ -420,11 +443,6 @@ def run_app(
 
     check_write_protection(config)
     log.info("deploying ootd (config %s, overrides %s)", config_source, redact_overrides(overrides))
-    env = serve_env(config)
-    # The controller's options apply when this call creates it (a fresh cluster, as `ootd serve` starts); on a
-    # cluster whose Serve runs already they are Ray's warning, and its controller keeps what it started with.
-    serve.start(http_options={"host": config.serve.host, "port": config.serve.port},
-                logging_config=logging_config(config),
-                controller_options={"runtime_env": {"env_vars": env}} if env else None)
+    start_serve(config)
     serve.run(make_app(config, model_dir=model_dir, batch_search=batch_search), name=APP_NAME, route_prefix="/")
     return f"http://{config.serve.host}:{config.serve.port}"
