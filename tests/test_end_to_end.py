@@ -30,7 +30,11 @@ def test_fine_tuning_and_cropping_beat_their_baselines_on_held_out_outfits(ray_c
 
     report = json.loads((root / "eval" / "metrics.json").read_text())
     assert report["split"] == "test" and report["n_images"] >= 100
-    scores = report["variants"]
-    for metric in ("P@10", "mAP@10"):
-        assert scores["finetuned_crop"][metric] > scores["frozen_crop"][metric], (metric, scores)
-        assert scores["finetuned_crop"][metric] > scores["finetuned_whole"][metric], (metric, scores)
+    scores = {variant: figures["mAP@10"] for variant, figures in report["variants"].items()}
+    # Margins below the smallest seen over five demo trainings of this recipe on this data (README "Evaluation",
+    # benchmarks/results/eval_spread.md: +0.209, 3.5x, +0.341, +0.134, 0.343), so a regression fails and noise not.
+    assert scores["finetuned_crop"] >= scores["frozen_crop"] + 0.15, scores
+    assert scores["finetuned_crop"] >= 2 * scores["histogram_crop"], scores
+    assert scores["finetuned_crop"] >= scores["finetuned_whole"] + 0.2, scores
+    assert scores["frozen_crop"] >= scores["frozen_whole"] + 0.05, scores
+    assert report["variants"]["finetuned_crop"]["style_gap"] >= 0.25, report["variants"]["finetuned_crop"]
