@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 2  # 2: a `view` column (augmented views of training crops, `ootd.train.augment`)
+CACHE_FORMAT = 3  # 2: a `view` column (augmented views of training crops, `ootd.train.augment`); 3: rows shuffled
 MANIFEST = "cache.json"
 
 
@@ -249,7 +249,11 @@ def build_feature_cache(
     try:
         files = [str(Path(crops_dir).resolve() / name) for name, _ in snapshot]  # exactly what the key hashed
         columns = ["image_id", "style", "crop"] + (["near_dup_of"] if "near_dup_of" in _columns(files) else [])
-        ds = ray.data.read_parquet(files).select_columns(columns)
+        # Ingest writes crops in source order, so a style's crops sit together (runs of ~150 rows in the demo's
+        # table) and the trainer's 256-row local shuffle could not mix them: its class-balanced batcher dropped
+        # ~45 % of each epoch waiting for all styles. One seeded shuffle of the crops (small JPEGs) here leaves
+        # the cache in random order for every epoch; the local shuffle then varies it per epoch.
+        ds = ray.data.read_parquet(files).select_columns(columns).random_shuffle(seed=0)
         ds = ds.map_batches(
             BoundaryFeatures,
             fn_constructor_kwargs={
