@@ -252,6 +252,23 @@ def test_health_readiness_docs_and_gallery(app):
 
 @slow
 @lite_only
+def test_haproxy_fronts_the_app_and_the_ingress_stays_on_loopback(app):
+    """`serve.haproxy` (the default) puts HAProxy on the app's port, and the Ingress replicas it forwards to listen
+    on `serve.host` only, so a loopback deployment is not reachable through their ports either."""
+    import psutil
+
+    port = int(app["url"].rsplit(":", 1)[1])
+    listeners = [c for c in psutil.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN and c.pid]
+    (front,) = [c for c in listeners if c.laddr.port == port]
+    assert "haproxy" in psutil.Process(front.pid).name()
+    # Direct-ingress HTTP ports are Serve's 30000-31000 range (Ray 2.60 RAY_SERVE_DIRECT_INGRESS_*_HTTP_PORT).
+    replicas = [c for c in listeners if 30000 <= c.laddr.port <= 31000 and "ServeRepli" in psutil.Process(c.pid).name()]
+    assert replicas, "no Ingress replica listens: direct ingress is off"
+    assert all(c.laddr.ip == "127.0.0.1" for c in replicas), replicas
+
+
+@slow
+@lite_only
 def test_no_saved_config_or_model_file_holds_the_api_key(app):
     """The index job got `--set serve.api_key=...`: every config.yaml and model json it wrote has it redacted."""
     saved = [*app["root"].rglob("config.yaml"), *app["root"].rglob("*.json")]

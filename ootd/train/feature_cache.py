@@ -215,9 +215,10 @@ def build_feature_cache(
 ) -> FeatureCache:
     """Computes (or finds) the boundary-activation cache of every labelled crop.
 
-    Runs a Ray Data pipeline: read the crops table → actor pool (`BoundaryFeatures`, one encoder per actor) →
-    parquet under `<workdir>/feature_cache/<key>`. The directory appears atomically (written under a temp name,
-    then renamed), so an interrupted run leaves no half cache and a finished one is reused by every later run.
+    Runs a Ray Data pipeline: read the crops table → one seeded shuffle → actor pool (`BoundaryFeatures`, one
+    encoder per actor) → parquet under `<workdir>/feature_cache/<key>`. The directory appears atomically (written
+    under a temp name, then renamed), so an interrupted run leaves no half cache and a finished one is reused by
+    every later run.
 
     Args:
         config: the resolved config (model section; train.num_workers/cpus_per_worker size the actor pool).
