@@ -30,13 +30,16 @@ RECIPES: dict[str, list[str]] = {
     "current": [],
     "head_only": ["model.unlocked_blocks=0"],
     "blocks2": ["model.unlocked_blocks=2"],
-    "blocks2_lr1e-3": ["model.unlocked_blocks=2", "train.lr_backbone=1e-3"],
+    "blocks4": ["model.unlocked_blocks=4"],
+    "blocks2_lr1e-4": ["model.unlocked_blocks=2", "train.lr_backbone=1e-4"],
+    "blocks4_lr1e-4": ["model.unlocked_blocks=4", "train.lr_backbone=1e-4"],
     "lr_backbone1e-3": ["train.lr_backbone=1e-3"],
     "lr_head3e-3": ["train.lr_head=3e-3"],
-    "mlp_head": ["model.head=mlp"],
+    "linear_head": ["model.head=linear"],
     "temp0.05": ["train.temperature=0.05"],
     "temp0.2": ["train.temperature=0.2"],
-    "epochs60": ["train.epochs=60"],
+    "views8": ["train.augment_views=8"],
+    "epochs20": ["train.epochs=20"],
     "triplet": ["train.loss=triplet"],
 }
 METRICS = ("mAP@10", "P@1", "style_gap")
@@ -135,11 +138,11 @@ def main() -> None:
                 print(f"{name} seed {seed}: val mAP@10 {result['scores']['val']['finetuned_crop']['mAP@10']:.3f} "
                       f"test mAP@10 {test['mAP@10']:.3f} ({result['train_s']:.0f}s)", flush=True)
             (workdir / "sweep.json").write_text(json.dumps(runs, indent=2))
+            # After every recipe: a sweep stopped part-way still leaves the table of what it finished.
+            args.out.write_text(report(runs, seeds, workdir))
     finally:
         ray.shutdown()
-    text = report(runs, seeds, workdir)
-    print(text)
-    args.out.write_text(text)
+    print(args.out.read_text() if args.out.exists() else "no recipe finished")
 
 
 if __name__ == "__main__":
