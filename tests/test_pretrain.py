@@ -109,10 +109,12 @@ def test_committed_asset_is_small_loads_and_records_its_metrics():
 
 @pytest.mark.slow
 def test_pretrain_runs_under_ray_train_ddp_and_writes_a_loadable_trunk(ray_session, tmp_path, monkeypatch):
-    from ootd.train.pretrain import METRICS_FILE, WEIGHTS_FILE, pretrain_backbone
+    from ootd.train.pretrain import METRICS_FILE, WEIGHTS_FILE, native_bf16, pretrain_backbone
 
     summary = pretrain_backbone(SMALL, tmp_path / "out")
     assert summary["settings"]["num_workers"] == 2 and len(summary["history"]) == 1
+    # bf16 left at its default resolves per CPU: emulated bf16 is ~20x slower than fp32 (PretrainSettings.bf16)
+    assert summary["settings"]["bf16"] == native_bf16()
     assert set(summary["eval_accuracy"]) == set(attribute_sizes())
     assert all(0.0 <= v <= 1.0 for v in summary["eval_accuracy"].values())
     assert json.loads((tmp_path / "out" / METRICS_FILE).read_text())["weights_bytes"] == summary["weights_bytes"]
