@@ -228,7 +228,7 @@ def pretrain_backbone(
     num_workers: Annotated[int, typer.Option(min=1, help="Ray Train (DDP) workers.")] = 2,
     cpus_per_worker: Annotated[float, typer.Option(min=0.1, help="CPUs (torch threads) per worker.")] = 1.0,
     bf16: Annotated[bool | None, typer.Option("--bf16/--no-bf16", help="bfloat16 autocast; default: only where "
-                                              "the CPU has AVX512-BF16 or AMX (elsewhere it is ~20x slower).")] = None,
+                                              "the CPU has AVX512-BF16 or AMX (elsewhere it is ~12x slower).")] = None,
     install: Annotated[bool, typer.Option(help="Also copy the weights and metrics into ootd/assets/ (the "
                                                "committed `tiny` backbone).")] = False,
     address: AddressOpt = None,

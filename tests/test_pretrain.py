@@ -113,7 +113,7 @@ def test_pretrain_runs_under_ray_train_ddp_and_writes_a_loadable_trunk(ray_sessi
 
     summary = pretrain_backbone(SMALL, tmp_path / "out")
     assert summary["settings"]["num_workers"] == 2 and len(summary["history"]) == 1
-    # bf16 left at its default resolves per CPU: emulated bf16 is ~20x slower than fp32 (PretrainSettings.bf16)
+    # bf16 left at its default resolves per CPU: emulated bf16 is ~12x slower than fp32 (PretrainSettings.bf16)
     assert summary["settings"]["bf16"] == native_bf16()
     assert set(summary["eval_accuracy"]) == set(attribute_sizes())
     assert all(0.0 <= v <= 1.0 for v in summary["eval_accuracy"].values())
