@@ -1,7 +1,8 @@
 """Measurement: does the garment detector generalise beyond the renderer it was trained on? (issue #14, DESIGN §7)
 
-Each detector is run through the real `ootd.detect.yolo.Detector` path (`evaluate_outfit_boxes`: conf 0.25, no
-padding) on photo sets it never trained on:
+Each detector is run through the real `ootd.detect.yolo.Detector` path (`evaluate_outfit_boxes`, no padding),
+under each garment-keeping rule of RULES (the default: conf 0.1 and 0.3 x the photo's best garment; the one before:
+conf 0.25 alone), on photo sets it never trained on:
 - `standard`: the plain style-mode generator (`write_sample_data`, no randomisation), a fresh seed;
 - `standard val`: the val split of the set both detectors validated on while training (seed 11, 48 per style);
 - `training domain`: drawn with `ootd.synthetic_domain.TRAINING` (the ranges the new detector trains on), a fresh
@@ -11,7 +12,7 @@ padding) on photo sets it never trained on:
 Reported per set: fallback rate (no garment found → the whole photo), median and mean IoU of the predicted outfit
 box against the ground-truth union box (a fallback scores 0), share of photos with IoU ≥ 0.8.
 
-Run: .venv/bin/python benchmarks/detector_domain.py --new /tmp/det2/best.pt [--old ootd/assets/...pt]
+Run: .venv/bin/python benchmarks/detector_domain.py [--new /tmp/det2/best.pt] [--old /tmp/det1/best.pt]
      [--per-style 8] [--standard-val /tmp/det_data/yolo/data.yaml]   (a few minutes on 2 cores)
 Writes benchmarks/results/detector_domain.md.
 """
@@ -29,6 +30,8 @@ sys.path.insert(0, str(REPO))
 from report import publish  # noqa: E402 - benchmarks/ is the script's own folder on sys.path
 
 SEEDS = {"standard": 101, "training domain": 102, "held-out": 103}
+# Garment-keeping rules (conf, relative_conf): None is DetectConfig's default.
+RULES = {"default: conf 0.1, relative 0.3": (None, None), "conf 0.25 only (before)": (0.25, 0.0)}
 
 
 def write_sets(root: Path, per_style: int, size: int) -> dict[str, Path]:
@@ -45,10 +48,11 @@ def write_sets(root: Path, per_style: int, size: int) -> dict[str, Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--old", default=str(REPO / "ootd/assets/yolo-synthetic-garments.pt"))
-    parser.add_argument("--new", required=True, help="the retrained detector (.pt)")
-    parser.add_argument("--old-label", default="committed before (YOLO11n, plain set only)")
-    parser.add_argument("--new-label", default="retrained (domain-randomised)")
+    parser.add_argument("--new", default=str(REPO / "ootd/assets/yolo-synthetic-garments.pt"),
+                        help="the detector measured (default: the committed one)")
+    parser.add_argument("--old", default=None, help="a detector to compare it with (.pt)")
+    parser.add_argument("--new-label", default="committed (domain-randomised)")
+    parser.add_argument("--old-label", default="first round (plain set only)")
     parser.add_argument("--per-style", type=int, default=8)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--standard-val", default=None, help="data.yaml whose val split both detectors validated on")
@@ -57,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ootd.detect.training import evaluate_outfit_boxes
 
-    detectors = {args.old_label: args.old, args.new_label: args.new}
+    detectors = {args.new_label: args.new, **({args.old_label: args.old} if args.old else {})}
     rows = []
     with tempfile.TemporaryDirectory(prefix="ootd-detector-domain-") as tmp:
         sets = {name: (yaml, "train") for name, yaml in write_sets(Path(tmp), args.per_style, args.size).items()}
@@ -65,25 +69,29 @@ def main(argv: list[str] | None = None) -> int:
             sets = {"standard val (seed 11)": (Path(args.standard_val), "val"), **sets}
         for set_name, (data_yaml, split) in sets.items():
             for label, weights in detectors.items():
-                m = evaluate_outfit_boxes(weights, data_yaml, split=split, imgsz=args.size)
-                rows.append((set_name, label, m))
-                print(set_name, label, {k: round(v, 3) if isinstance(v, float) else v for k, v in m.items()},
-                      flush=True)
+                for rule, (conf, relative) in RULES.items():
+                    m = evaluate_outfit_boxes(weights, data_yaml, split=split, imgsz=args.size, conf=conf,
+                                              relative_conf=relative)
+                    rows.append((set_name, label, rule, m))
+                    print(set_name, label, rule, {k: round(v, 3) if isinstance(v, float) else v
+                                                  for k, v in m.items()}, flush=True)
 
     lines = [
         "# Detector domain generalisation (`benchmarks/detector_domain.py`)",
         "",
         f"Photos per set: {args.per_style} per style x 13 styles at {args.size} px (standard val: its own size); "
-        f"seeds {SEEDS}. Real `Detector` path, conf 0.25, no padding; fallback = no garment found (IoU 0).",
+        f"seeds {SEEDS}. Real `Detector` path, no padding; fallback = no garment found (IoU 0). Rules: a garment "
+        "is kept when its confidence is ≥ conf and ≥ relative × the photo's best garment's.",
         "",
-        "| set | detector | n | fallback | median IoU | mean IoU | IoU ≥ 0.8 |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| set | detector | rule | n | fallback | median IoU | mean IoU | IoU ≥ 0.8 |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
     ]
-    for set_name, label, m in rows:
+    for set_name, label, rule, m in rows:
         n = m["n_val_images"]
-        lines.append(f"| {set_name} | {label} | {n} | {m['n_fallback'] / n:.1%} | {m['outfit_iou_median']:.3f} | "
+        lines.append(f"| {set_name} | {label} | {rule} | {n} | {m['n_fallback'] / n:.1%} | "
+                     f"{m['outfit_iou_median']:.3f} | "
                      f"{m['outfit_iou_mean']:.3f} | {m['outfit_iou_ge_0_8']:.1%} |")
-    lines += ["", f"Old: `{args.old}`; new: `{args.new}`. Held-out ranges: `ootd.synthetic_domain.HELD_OUT`, "
+    lines += ["", f"Detectors: {detectors}. Held-out ranges: `ootd.synthetic_domain.HELD_OUT`, "
               "training ranges: `ootd.synthetic_domain.TRAINING` (each held-out range is disjoint from its training "
               "range; tests/test_detector_domain.py checks it)."]
     publish(lines, args.out)

@@ -200,7 +200,8 @@ def train_detector(
     out = out.expanduser().resolve()
     device = device or cfg.detect.device
     kwargs = {"model": model, "epochs": epochs, "imgsz": imgsz or cfg.detect.imgsz, "batch": batch, "device": device,
-              "workers": workers, "seed": seed, "cache": cache, "conf": cfg.detect.conf, "threads": threads,
+              "workers": workers, "seed": seed, "cache": cache, "conf": cfg.detect.conf,
+              "relative_conf": cfg.detect.relative_conf, "threads": threads,
               "augment": augment, "randomise_per_style": randomise_per_style, "randomisation": randomisation,
               "randomise_seed": randomise_seed}
     with _user_errors():

@@ -95,6 +95,22 @@ def test_keep_boxes(class_ids, min_score, min_size, expected):
     assert keep_boxes(BOXES, SCORES, CLASSES, class_ids=class_ids, min_score=min_score, min_size=min_size) == expected
 
 
+@pytest.mark.parametrize(
+    ("class_ids", "min_size", "relative", "expected"),
+    [
+        ((0, 1, 2, 3), 0, 0.5, [0, 1, 2]),  # 0.2 < 0.5 x 0.95
+        ((0, 1, 2, 3), 0, 0.2, [0, 1, 2, 3]),  # 0.2 >= 0.2 x 0.95
+        # the best garment is the one that passes the other filters: without the 0.95 noise box it is 0.9
+        ((0, 1, 2, 3), 4, 0.7, [0]),
+        ((1, 2), 0, 0.4, [1]),  # relative to the wanted classes' best (0.6), not the photo's
+        ((3,), 0, 0.5, []),
+    ],
+)
+def test_keep_boxes_relative_to_the_best_garment(class_ids, min_size, relative, expected):
+    assert keep_boxes(BOXES, SCORES, CLASSES, class_ids=class_ids, min_score=0.0, min_size=min_size,
+                      relative_score=relative) == expected
+
+
 def test_keep_boxes_rejects_mismatched_lengths():
     with pytest.raises(ValueError, match="differ in length"):
         keep_boxes(BOXES, SCORES[:2], CLASSES, class_ids=(0,), min_score=0.0, min_size=0)

@@ -101,6 +101,7 @@ def keep_boxes(
     class_ids: Sequence[int],
     min_score: float,
     min_size: float,
+    relative_score: float = 0.0,
 ) -> list[int]:
     """Indices of the boxes that count as garments.
 
@@ -111,6 +112,7 @@ def keep_boxes(
         class_ids: classes that form the outfit; an empty sequence keeps nothing.
         min_score: detections below this confidence are dropped.
         min_size: detections narrower or shorter than this (px) are noise, not garments.
+        relative_score: detections below this fraction of the photo's best garment score are dropped too.
 
     Raises:
         ValueError: when boxes, scores and classes differ in length.
@@ -118,12 +120,15 @@ def keep_boxes(
     if not (len(boxes) == len(scores) == len(classes)):
         raise ValueError(f"boxes, scores and classes differ in length: {len(boxes)}, {len(scores)}, {len(classes)}")
     wanted = {int(c) for c in class_ids}
-    kept = []
+    garments = []
     for i, (box, score, cls) in enumerate(zip(boxes, scores, classes, strict=True)):
         w, h = float(box[2]) - float(box[0]), float(box[3]) - float(box[1])
         if int(cls) in wanted and float(score) >= min_score and w >= min_size and h >= min_size:
-            kept.append(i)
-    return kept
+            garments.append(i)
+    if not garments or relative_score <= 0:
+        return garments
+    floor = relative_score * max(float(scores[i]) for i in garments)
+    return [i for i in garments if float(scores[i]) >= floor]
 
 
 def outfit_box(
@@ -136,6 +141,7 @@ def outfit_box(
     class_ids: Sequence[int],
     min_score: float = 0.0,
     min_size: float = 0,
+    relative_score: float = 0.0,
     pad: float = 0.0,
 ) -> OutfitBox:
     """The outfit region: union of the kept garment boxes, padded and clamped; the whole image if none is kept.
@@ -149,9 +155,11 @@ def outfit_box(
         class_ids: classes that form the outfit.
         min_score: minimum confidence of a kept box.
         min_size: minimum width and height (px) of a kept box.
+        relative_score: minimum confidence of a kept box as a fraction of the best garment's in the photo.
         pad: padding as a fraction of the union's size on each side.
     """
-    kept = keep_boxes(boxes, scores, classes, class_ids=class_ids, min_score=min_score, min_size=min_size)
+    kept = keep_boxes(boxes, scores, classes, class_ids=class_ids, min_score=min_score, min_size=min_size,
+                      relative_score=relative_score)
     if not kept:
         return OutfitBox(box=clamp_box((0, 0, width, height), width, height), score=0.0, n_garments=0, fallback=True)
     union = union_box([boxes[i] for i in kept])

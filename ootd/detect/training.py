@@ -40,7 +40,8 @@ def train_detector(
     workers: int = 0,
     seed: int = 0,
     cache: bool = False,
-    conf: float = 0.25,
+    conf: float | None = None,
+    relative_conf: float | None = None,
     threads: int | None = None,
     extra: dict[str, Any] | None = None,
     augment: str = "ultralytics",
@@ -70,7 +71,8 @@ def train_detector(
         workers: dataloader workers (0 loads in the training process: best on small CPU machines).
         seed: random seed (ultralytics runs deterministically).
         cache: keep decoded training images in RAM (faster, but ultralytics then is not bit-reproducible).
-        conf: detection confidence used for the outfit-box evaluation.
+        conf: detection confidence of the outfit-box evaluation (None: `DetectConfig`'s default).
+        relative_conf: its threshold relative to each photo's best garment (None: `DetectConfig`'s default).
         threads: torch threads for training and evaluation (None: the current count). Use 1 on a CPU shared
             with other busy processes: more threads then wait on each other far longer than they compute.
         extra: further ultralytics train arguments (e.g. `{"lr0": 0.02, "mosaic": 0.5}`); they win over `augment`.
@@ -142,7 +144,8 @@ def train_detector(
         "recall": float(box.mr),
     }
     with keep_torch_threads(threads):
-        metrics.update(evaluate_outfit_boxes(weights, data_yaml, split="val", imgsz=imgsz, device=device, conf=conf))
+        metrics.update(evaluate_outfit_boxes(weights, data_yaml, split="val", imgsz=imgsz, device=device, conf=conf,
+                                             relative_conf=relative_conf))
     metrics.update({
         "weights": str(weights), "weights_bytes": weights.stat().st_size, "epochs": epochs, "imgsz": imgsz,
         "model": model, "seed": seed, "threads": threads, "train_seconds": round(train_seconds, 1),
@@ -258,7 +261,8 @@ def evaluate_outfit_boxes(
     split: str = "val",
     imgsz: int = 256,
     device: str = "cpu",
-    conf: float = 0.25,
+    conf: float | None = None,
+    relative_conf: float | None = None,
     batch: int = 16,
 ) -> dict[str, Any]:
     """IoU of predicted outfit boxes (union of all predicted garments, no padding) against the labels' union.
@@ -271,7 +275,8 @@ def evaluate_outfit_boxes(
         split: which split of the YAML to score.
         imgsz: inference size.
         device: inference device.
-        conf: detection confidence threshold.
+        conf: detection confidence threshold (None: `DetectConfig`'s default, what ingest and serving keep).
+        relative_conf: threshold relative to the photo's best garment (None: `DetectConfig`'s default).
         batch: images per detector call.
 
     Returns:
@@ -286,8 +291,9 @@ def evaluate_outfit_boxes(
     from ootd.detect.yolo import Detector
 
     names, images = split_images(data_yaml, split)
-    cfg = DetectConfig(weights=str(weights), class_ids=tuple(range(len(names))), conf=conf, imgsz=imgsz,
-                       pad=0.0, min_box_size=0, batch_size=batch, device=device)
+    thresholds = {k: v for k, v in (("conf", conf), ("relative_conf", relative_conf)) if v is not None}
+    cfg = DetectConfig(weights=str(weights), class_ids=tuple(range(len(names))), imgsz=imgsz, pad=0.0,
+                       min_box_size=0, batch_size=batch, device=device, **thresholds)
     detector = Detector(cfg)
     labelled = []
     for path in images:

@@ -340,7 +340,8 @@ class Detector:
     def outfit_boxes(self, images: Sequence[Any]) -> list[OutfitBox]:
         """The outfit box of each image: union of its kept garment boxes, padded and clamped.
 
-        Kept means class in `cfg.class_ids`, confidence >= `cfg.conf` and both sides >= `cfg.min_box_size`;
+        Kept means class in `cfg.class_ids`, confidence >= `cfg.conf` and >= `cfg.relative_conf` times the
+        image's best kept garment, and both sides >= `cfg.min_box_size`;
         the union is padded by `cfg.pad`. An image with no kept box gets the whole image, `fallback=True`.
 
         Args:
@@ -360,7 +361,7 @@ def outfit_box_from(det: Detections, *, width: int, height: int, cfg: DetectConf
         det: detections of one image.
         width: image width in pixels.
         height: image height in pixels.
-        cfg: supplies class_ids, conf (minimum score), min_box_size and pad.
+        cfg: supplies class_ids, conf (minimum score), relative_conf, min_box_size and pad.
     """
     return outfit_box(
         det.boxes.tolist(),
@@ -371,5 +372,6 @@ def outfit_box_from(det: Detections, *, width: int, height: int, cfg: DetectConf
         class_ids=cfg.class_ids,
         min_score=cfg.conf,
         min_size=cfg.min_box_size,
+        relative_score=cfg.relative_conf,
         pad=cfg.pad,
     )
