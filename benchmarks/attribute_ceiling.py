@@ -26,7 +26,6 @@ sys.path.insert(0, str(REPO))
 from ootd import synthetic  # noqa: E402
 from ootd.evaluate.metrics import retrieval_metrics  # noqa: E402
 from ootd.styles import STYLES  # noqa: E402
-from ootd.synthetic_render import render_figure  # noqa: E402
 
 LOOKS = synthetic._LOOKS
 COLOURS = sorted({c for look in LOOKS.values() for c in look.palette})
@@ -91,10 +90,9 @@ def draw(per_style: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Attribute vectors and style codes of the photos `write_sample_data(per_style, seed)` would draw."""
     vectors, codes = [], []
     for s, style in enumerate(STYLES):
-        others = [c for name, look in LOOKS.items() if name != style for c in look.palette]
         for i in range(per_style):
             wardrobe = RecordingWardrobe(LOOKS[style])
-            render_figure(wardrobe, others, np.random.default_rng([seed, s, i]), 256, style=style)
+            synthetic.render_outfit(style, np.random.default_rng([seed, s, i]), 256, wardrobe=wardrobe)
             vectors.append(attribute_vector(wardrobe.log, LOOKS[style].fit))
             codes.append(s)
     return np.array(vectors), np.array(codes)

@@ -115,7 +115,12 @@ class _StyleWardrobe(Wardrobe):
 
 
 def render_outfit(
-    style: str, rng: np.random.Generator, size: int = 256, *, randomisation: Randomisation | None = None
+    style: str,
+    rng: np.random.Generator,
+    size: int = 256,
+    *,
+    randomisation: Randomisation | None = None,
+    wardrobe: Wardrobe | None = None,
 ) -> SyntheticPhoto:
     """Draws one figure wearing a `style` outfit at a random place and scale over a cluttered background.
 
@@ -125,6 +130,8 @@ def render_outfit(
         size: side of the square image in pixels (at least MIN_SIZE).
         randomisation: domain randomisation ranges (`ootd.synthetic_domain`); None: the plain photo, byte-identical
             per seed to earlier versions.
+        wardrobe: where the garments come from; None: the style's own. A subclass of the style's wardrobe that
+            records each draw gives the photo's true attributes (benchmarks/attribute_ceiling.py).
 
     Raises:
         ValueError: unknown style or too small a size.
@@ -134,4 +141,5 @@ def render_outfit(
     if size < MIN_SIZE:
         raise ValueError(f"size must be at least {MIN_SIZE} px, got {size}")
     others = [c for name, look in _LOOKS.items() if name != style for c in look.palette]
-    return render_figure(_StyleWardrobe(_LOOKS[style]), others, rng, size, style=style, randomisation=randomisation)
+    return render_figure(wardrobe or _StyleWardrobe(_LOOKS[style]), others, rng, size, style=style,
+                         randomisation=randomisation)

@@ -97,13 +97,14 @@ def _test_rows(crops: Path) -> list[dict]:
     ]
 
 
-def test_metrics_json_has_five_variants_with_valid_values(evaluated):
+def test_metrics_json_has_six_variants_with_valid_values(evaluated):
     metrics = json.loads((evaluated["out"] / "metrics.json").read_text())
     expected_rows = _test_rows(evaluated["crops"])
     assert metrics["n_images"] == len(expected_rows) == evaluated["result"]["n_images"]
     assert set(metrics["variants"]) == {
-        "histogram_crop", "frozen_crop", "frozen_whole", "finetuned_crop", "finetuned_whole",
+        "histogram_crop", "frozen_random_crop", "frozen_crop", "frozen_whole", "finetuned_crop", "finetuned_whole",
     }
+    assert metrics["random_backbone"] == "tiny-random"
     n_styles = len(metrics["styles"])
     assert sum(metrics["counts"].values()) == metrics["n_images"]
     for name, scores in metrics["variants"].items():
@@ -142,6 +143,7 @@ def test_variants_use_the_right_model_and_image(evaluated):
     wholes = [Image.open(r["source"]).convert("RGB") for r in rows]
     tuned = load(evaluated["model_dir"])
     frozen = frozen_baseline(evaluated["model_dir"])
+    untrained = frozen_baseline(evaluated["model_dir"], backbone="tiny-random")
     variants = json.loads((evaluated["out"] / "metrics.json").read_text())["variants"]
     expected = {
         "histogram_crop": np.stack([color_histogram(np.asarray(c), 8) for c in crops]),
@@ -149,11 +151,23 @@ def test_variants_use_the_right_model_and_image(evaluated):
         "finetuned_whole": tuned.embed(wholes),
         "frozen_crop": frozen.embed_features(crops),
         "frozen_whole": frozen.embed_features(wholes),
+        "frozen_random_crop": untrained.embed_features(crops),
     }
     for name, vectors in expected.items():
         want = retrieval_metrics(vectors, styles)
         for key in ("P@1", "P@10", "mAP@10", "MRR"):
             assert variants[name][key] == pytest.approx(want[key], abs=1e-6), (name, key)
+
+
+def test_a_baseline_without_an_untrained_twin_leaves_the_random_variant_out(evaluated, tiny_config, tmp_path):
+    from ootd.evaluate.run import evaluate
+
+    result = evaluate(evaluated["model_dir"], evaluated["crops"], tmp_path, **SPLIT, config=tiny_config,
+                      batch_size=16, progress=False, baseline_backbone="tiny-random")
+    assert result["random_backbone"] is None
+    assert set(result["variants"]) == {"histogram_crop", "frozen_crop", "frozen_whole", "finetuned_crop",
+                                       "finetuned_whole"}
+    assert "frozen random init" not in result["report"]
 
 
 def test_frozen_baseline_is_the_untuned_starting_backbone(evaluated, tiny_config):

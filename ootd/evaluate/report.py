@@ -9,6 +9,7 @@ import numpy as np
 
 VARIANT_TITLES = {
     "histogram_crop": "colour histogram · outfit crop",
+    "frozen_random_crop": "frozen random init · outfit crop",
     "frozen_crop": "frozen backbone · outfit crop",
     "frozen_whole": "frozen backbone · whole photo",
     "finetuned_crop": "fine-tuned · outfit crop",
@@ -56,6 +57,8 @@ def baseline_findings(variants: dict[str, dict[str, Any]]) -> list[str]:
 def markdown_report(table: str, variants: dict[str, dict[str, Any]], header: dict[str, Any], files: dict) -> str:
     """report.md: what was evaluated, the table, what fine-tuning and cropping changed, warnings and plots."""
     counts = header["counts"]
+    twin = header.get("random_backbone")
+    untrained = f", frozen random init = the same of its untrained twin `{twin}`" if twin else ""
     lines = [
         f"# ootd evaluation — model {header['model_version'] or Path(header['model_dir']).name}",
         "",
@@ -65,7 +68,7 @@ def markdown_report(table: str, variants: dict[str, dict[str, Any]], header: dic
         f"Image-to-image retrieval, every image queries all others; relevant = same style, the query itself excluded."
         f" Colour histogram = {header['embedding_dims'].get('histogram', 512)}-d RGB histogram of the crop, cosine,"
         f" no learning; frozen = pooled features of `{header['baseline_backbone']}`"
-        f" ({header['embedding_dims']['frozen']}-d); fine-tuned = the model's"
+        f" ({header['embedding_dims']['frozen']}-d){untrained}; fine-tuned = the model's"
         f" {header['embedding_dims']['finetuned']}-d embedding.",
         "",
         table,
@@ -80,6 +83,7 @@ def markdown_report(table: str, variants: dict[str, dict[str, Any]], header: dic
         lines += ["## Verdict", "", f"- The fine-tuned model beats both baselines on {HEADLINE} ({margins}).", ""]
     for label, before, after in (
         ("learning at all (fine-tuned vs colour histogram, outfit crop)", "histogram_crop", "finetuned_crop"),
+        ("the backbone's pretraining (frozen, outfit crop)", "frozen_random_crop", "frozen_crop"),
         ("fine-tuning (outfit crop)", "frozen_crop", "finetuned_crop"),
         ("cropping (fine-tuned)", "finetuned_whole", "finetuned_crop"),
     ):
@@ -161,6 +165,7 @@ def plot_precision(variants: dict[str, dict[str, Any]], header: dict, path: Path
     width = 0.8 / max(1, len(names))
     colors = {
         "histogram_crop": "#bdbdbd",
+        "frozen_random_crop": "#e0e0e0",
         "frozen_crop": "#9ecae1",
         "frozen_whole": "#c6dbef",
         "finetuned_crop": "#08519c",

@@ -29,10 +29,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-# (name, model, image kind) in report order: the first three are the baselines the fine-tuning must beat (DESIGN §8):
-# a colour histogram of the crop (no learning at all) and the frozen backbone it was fine-tuned from.
+# (name, model, image kind) in report order. The baselines the fine-tuning must beat (DESIGN §8): a colour histogram
+# of the crop (no learning at all) and the frozen backbone it was fine-tuned from; beside them the same architecture
+# frozen at its random init, what the backbone's pretraining is worth (only for a backbone with a RANDOM_TWINS entry).
 VARIANTS: tuple[tuple[str, str, str], ...] = (
     ("histogram_crop", "histogram", "crop"),
+    ("frozen_random_crop", "random", "crop"),
     ("frozen_crop", "frozen", "crop"),
     ("frozen_whole", "frozen", "whole"),
     ("finetuned_crop", "finetuned", "crop"),
@@ -49,7 +51,7 @@ class _EvalSet:
 
     styles: list[str] = field(default_factory=list)
     image_ids: list[str] = field(default_factory=list)
-    embeddings: dict[str, list[np.ndarray]] = field(default_factory=lambda: {name: [] for name, _, _ in VARIANTS})
+    embeddings: dict[str, list[np.ndarray]] = field(default_factory=dict)  # variant → its batches, VARIANTS order
     skipped: list[dict[str, str]] = field(default_factory=list)
 
 
@@ -105,6 +107,7 @@ def evaluate(
         ootd.encoder.ModelNotAvailable: when the model dir or the baseline backbone cannot be loaded.
     """
     from ootd.config import DataConfig
+    from ootd.model.backbones import RANDOM_TWINS
     from ootd.model.export import load
     from ootd.tables import crops_files
 
@@ -117,8 +120,10 @@ def evaluate(
     meta = json.loads((model_dir / "ootd_model.json").read_text())
     baseline_name = baseline_backbone or str(meta.get("backbone") or "")
     frozen = frozen_baseline(model_dir, backbone=baseline_name, device=str(tuned.device))
+    twin = RANDOM_TWINS.get(baseline_name)
+    untrained = frozen_baseline(model_dir, backbone=twin, device=str(tuned.device)) if twin else None
     data_cfg = config.data if config is not None else DataConfig()
-    evalset = _embed_split(files, selected, tuned, frozen, batch_size, precision, progress, data_cfg)
+    evalset = _embed_split(files, selected, tuned, frozen, untrained, batch_size, precision, progress, data_cfg)
     if evalset.skipped:  # the final counts decide; the early check only avoided embedding a hopeless split
         warnings = _check_size(
             Counter(evalset.styles), split, "after leaving out unreadable rows", len(evalset.skipped)
@@ -126,7 +131,8 @@ def evaluate(
 
     classes = _style_order(evalset.styles, tuned.labels)
     variants = {
-        name: _score(np.concatenate(evalset.embeddings[name]), evalset.styles, classes) for name, _, _ in VARIANTS
+        name: _score(np.concatenate(evalset.embeddings[name]), evalset.styles, classes)
+        for name, _, _ in VARIANTS if name in evalset.embeddings
     }
     out = Path(out_dir).expanduser().absolute()
     out.mkdir(parents=True, exist_ok=True)
@@ -134,6 +140,7 @@ def evaluate(
         "model_dir": str(model_dir),
         "model_version": tuned.version,
         "baseline_backbone": baseline_name,
+        "random_backbone": twin,
         "crops_dir": str(Path(crops_dir).expanduser().absolute()),
         "split": split,
         "val_fraction": val_fraction,
@@ -276,17 +283,20 @@ def _embed_split(
     selected: dict[str, str],
     tuned: StyleEncoder,
     frozen: StyleEncoder,
+    untrained: StyleEncoder | None,
     batch_size: int,
     precision: str,
     progress: bool,
     data_cfg: Any,
 ) -> _EvalSet:
-    """Streams the selected rows from the table in batches and embeds each batch every variant's way."""
+    """Streams the selected rows from the table in batches and embeds each batch every variant's way (without an
+    `untrained` encoder, its variant is left out)."""
     from tqdm.auto import tqdm
 
     result = _EvalSet()
     seen: set[str] = set()
-    desc = f"evaluate: embedding {len(VARIANTS)} variants"
+    variants = [v for v in VARIANTS if untrained is not None or v[1] != "random"]
+    desc = f"evaluate: embedding {len(variants)} variants"
     bar = tqdm(total=len(selected), desc=desc, unit="img", disable=not progress)
     try:
         for rows in _selected_rows(files, selected, max(batch_size, 16)):
@@ -303,15 +313,16 @@ def _embed_split(
             bar.update(len(rows))
             if not kept:
                 continue
-            for name, model_kind, image_kind in VARIANTS:
+            for name, model_kind, image_kind in variants:
                 images = crops if image_kind == "crop" else wholes
                 if model_kind == "histogram":
                     vectors = histograms(images)
-                elif model_kind == "frozen":
-                    vectors = frozen.embed_features(images, batch_size=batch_size, precision=precision)
+                elif model_kind in ("frozen", "random"):
+                    encoder = frozen if model_kind == "frozen" else untrained
+                    vectors = encoder.embed_features(images, batch_size=batch_size, precision=precision)
                 else:
                     vectors = tuned.embed(images, batch_size=batch_size, precision=precision)
-                result.embeddings[name].append(vectors)
+                result.embeddings.setdefault(name, []).append(vectors)
             result.styles += [selected[row["image_id"]] for row in kept]
             result.image_ids += [row["image_id"] for row in kept]
     finally:

@@ -16,6 +16,8 @@ LOCAL_DIR_PREFIX = "local-dir:"
 TINY = "tiny"  # the tiny ViT with the committed attribute-pretrained trunk (DESIGN §5)
 TINY_RANDOM = "tiny-random"  # the same architecture, randomly initialised (tests that need untrained weights)
 TINY_NAMES = (TINY, TINY_RANDOM)
+# The untrained twin of a pretrained backbone: `ootd evaluate` scores it frozen, to show what pretraining gave.
+RANDOM_TWINS = {TINY: TINY_RANDOM}
 # Trunk weights `ootd pretrain-backbone` wrote (ootd/assets/README.md says how); `tiny` loads them.
 TINY_WEIGHTS = Path(__file__).resolve().parents[1] / "assets" / "tiny-backbone.safetensors"
 # Everything about `tiny` is drawn from this seed, so any process builds the identical model.
