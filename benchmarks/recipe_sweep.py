@@ -41,6 +41,9 @@ RECIPES: dict[str, list[str]] = {
     "views8": ["train.augment_views=8"],
     "epochs20": ["train.epochs=20"],
     "triplet": ["train.loss=triplet"],
+    "image160": ["model.image_size=160"],
+    "image192": ["model.image_size=192"],
+    "image224": ["model.image_size=224"],
 }
 METRICS = ("mAP@10", "P@1", "style_gap")
 

@@ -111,6 +111,9 @@ class ModelConfig:
     head_hidden: int = _bounded(256, lo=1)
     # Top transformer blocks trained (plus final norm/pool and head); 0 trains the head only.
     unlocked_blocks: int = _bounded(2, lo=0)
+    # Input side in px; 0: the backbone's own (tiny 128, FashionSigLIP 224). Another size resamples the timm
+    # trunk's position embeddings (patch size unchanged), so finer patterns survive at the cost of more tokens.
+    image_size: int = _bounded(0, lo=0)
     # Inference precision; bf16 runs on CPU too (autocast).
     precision: Literal["fp32", "bf16"] = "fp32"
     # Inference engine of the index job and the Serve Encoder (training and evaluation always run PyTorch):

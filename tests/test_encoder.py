@@ -390,3 +390,22 @@ def test_model_dirs_exported_with_the_first_64px_trunk_still_build():
     visual = CustomTextCLIP(**cfg).visual
     assert visual.trunk.patch_embed.patch_size == (8, 8)
     assert visual(torch.zeros(1, 3, 64, 64)).shape == (1, 192)
+
+
+def test_image_size_resamples_the_trunk_and_round_trips_through_an_export(tmp_path):
+    base = _tiny()
+    enc = _tiny("model.image_size=192")
+    assert enc.preprocess_cfg["size"] == [192, 192]
+    assert tuple(enc.visual.trunk.pos_embed.shape) == (1, 144, 192)  # 12 x 12 patches of 16 px
+    # The resampled trunk is the pretrained one, not a fresh init: the patch projection is shared unchanged.
+    torch.testing.assert_close(enc.visual.trunk.patch_embed.proj.weight, base.visual.trunk.patch_embed.proj.weight)
+    images = _images(4, seed=3)
+    loaded = load(enc.export(tmp_path / "m192"))
+    assert loaded.preprocess_cfg["size"] == [192, 192]
+    np.testing.assert_allclose(loaded.embed(images), enc.embed(images), atol=1e-5, rtol=0)
+    assert not np.allclose(enc.embed(images), base.embed(images), atol=1e-3)
+
+
+def test_image_size_must_fit_the_patch_grid():
+    with pytest.raises(ValueError, match="multiple of the patch size 16"):
+        _tiny("model.image_size=150")

@@ -274,7 +274,9 @@ def frozen_baseline(model_dir: str | Path, *, backbone: str | None = None, devic
     if not name:
         raise ValueError(f"{model_dir} records no backbone; pass baseline_backbone (e.g. hf-hub:Marqo/...)")
     allow_download = bool(recorded.get("allow_download", False))
-    model = dataclasses.replace(ModelConfig(), backbone=str(name), unlocked_blocks=0, allow_download=allow_download)
+    # At the input size the model was fine-tuned at (`model.image_size`), as training started from it.
+    model = dataclasses.replace(ModelConfig(), backbone=str(name), unlocked_blocks=0, allow_download=allow_download,
+                                image_size=int(recorded.get("image_size") or 0))
     return build_encoder(model).to(device).eval()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -146,14 +147,13 @@ def create_open_clip(backbone: str, allow_download: bool = False) -> tuple[torch
         ModelNotAvailable: weights missing locally (the message names the fix).
         ValueError: an unknown backbone name.
     """
-    import open_clip
 
     register_tiny()  # cheap, and needed by any exported tiny dir whose config names the custom timm trunk
     if backbone in TINY_NAMES:
         return create_tiny(pretrained=backbone == TINY), copy.deepcopy(TINY_MODEL_CFG)
     if backbone.startswith(LOCAL_DIR_PREFIX):
         folder = check_local_dir(backbone[len(LOCAL_DIR_PREFIX):])
-        return open_clip.create_model(f"{LOCAL_DIR_PREFIX}{folder}"), _read_model_cfg(folder)
+        return _create_from_dir(folder), _read_model_cfg(folder)
     if backbone.startswith(HF_HUB_PREFIX):
         repo_id = backbone[len(HF_HUB_PREFIX):].strip()
         if not repo_id:
@@ -164,12 +164,48 @@ def create_open_clip(backbone: str, allow_download: bool = False) -> tuple[torch
         if snapshot is None:
             raise ModelNotAvailable(_missing_hub_message(repo_id))
         # The cached snapshot is a complete local dir: loading it this way needs no network call at all.
-        return open_clip.create_model(f"{LOCAL_DIR_PREFIX}{snapshot}"), _read_model_cfg(snapshot)
+        return _create_from_dir(snapshot), _read_model_cfg(snapshot)
     raise ValueError(
         f"unknown backbone {backbone!r}: use 'hf-hub:ORG/REPO' (e.g. hf-hub:Marqo/marqo-fashionSigLIP), "
         f"'local-dir:PATH' (a folder with open_clip_config.json and open_clip_model.safetensors), 'tiny' or "
         f"'tiny-random'"
     )
+
+
+class _DropRecords(logging.Filter):
+    """Drops log records whose message contains `text`."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+def _create_from_dir(folder: Path) -> torch.nn.Module:
+    """open_clip's `local-dir:` load, at the input size its config names.
+
+    open_clip builds a timm trunk at timm's default size whatever `vision_cfg.image_size` says, so the weights of
+    a model exported after `resize_input` (position embeddings for another token count) would not fit: the trunk
+    is resized to the config's size before they are loaded.
+    """
+    import open_clip
+
+    # Weights are loaded below: open_clip's root-logger warning that none were would only mislead.
+    quiet = _DropRecords("No pretrained weights loaded")
+    logging.getLogger().addFilter(quiet)
+    try:
+        model = open_clip.create_model(f"{LOCAL_DIR_PREFIX}{folder}", load_weights=False)
+    finally:
+        logging.getLogger().removeFilter(quiet)
+    size = (_read_model_cfg(folder).get("vision_cfg") or {}).get("image_size")
+    trunk = getattr(model.visual, "trunk", None)
+    if size and hasattr(trunk, "set_input_size") and tuple(trunk.patch_embed.img_size) != (size, size):
+        model.visual.set_input_size(size)
+    weights = next(folder / name for name in OPEN_CLIP_WEIGHT_FILES if (folder / name).is_file())
+    open_clip.load_checkpoint(model, str(weights))
+    return model
 
 
 def create_tiny(pretrained: bool = True) -> torch.nn.Module:
@@ -301,6 +337,38 @@ def _missing_hub_message(repo_id: str) -> str:
         f"copy DIR here and pass `--set model.backbone=local-dir:DIR`; or allow the download with "
         f"`--set model.allow_download=true`."
     )
+
+
+def resize_input(model: torch.nn.Module, model_cfg: dict[str, Any], size: int) -> dict[str, Any]:
+    """Makes an open_clip model with a timm trunk take `size` x `size` inputs, in place: the trunk's position
+    embeddings are resampled (timm `set_input_size`) and the preprocess resizes to `size`.
+
+    Args:
+        model: the open_clip model.
+        model_cfg: the config it was built from.
+        size: input side in px (a multiple of the patch size).
+
+    Returns:
+        The model config with the new `vision_cfg.image_size`: what an export must write so that the saved
+        (resampled) weights load into a model built at that size.
+
+    Raises:
+        ValueError: the vision tower is not a timm trunk, or `size` is not a multiple of its patch size.
+    """
+    import open_clip
+    from open_clip.timm_model import TimmModel
+
+    visual = model.visual
+    if not isinstance(visual, TimmModel) or not hasattr(visual.trunk, "set_input_size"):
+        raise ValueError("model.image_size needs a timm ViT vision tower (tiny, ViT-B-16-SigLIP)")
+    patch = visual.trunk.patch_embed.patch_size[0]
+    if size % patch:
+        raise ValueError(f"model.image_size must be a multiple of the patch size {patch}, got {size}")
+    visual.set_input_size(size)
+    open_clip.set_model_preprocess_cfg(model, {**open_clip.get_model_preprocess_cfg(model), "size": size})
+    resized = copy.deepcopy(model_cfg)
+    resized.setdefault("vision_cfg", {})["image_size"] = size
+    return resized
 
 
 def preprocess_cfg_of(model: torch.nn.Module) -> dict[str, Any]:

@@ -114,6 +114,8 @@ class StyleEncoder(torch.nn.Module):
         if model.head not in HEADS:
             raise ValueError(f"unknown head {model.head!r}: expected one of {list(HEADS)}")
         clip_model, model_cfg = backbones.create_open_clip(model.backbone, allow_download=model.allow_download)
+        if model.image_size and [model.image_size] * 2 != backbones.preprocess_cfg_of(clip_model)["size"]:
+            model_cfg = backbones.resize_input(clip_model, model_cfg, model.image_size)
         encoder = cls(
             clip_model,
             backbone=model.backbone,
