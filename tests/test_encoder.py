@@ -68,7 +68,7 @@ def exported(tiny, tmp_path_factory) -> Path:
 
 def test_tiny_shapes_and_unit_norm(tiny):
     assert (tiny.feature_dim, tiny.embed_dim, tiny.depth) == (192, 128, 4)
-    assert tiny.preprocess_cfg["size"] == [128, 128]
+    assert tiny.preprocess_cfg["size"] == [192, 192]  # tiny.yaml's model.image_size (the trunk's own is 128)
     assert tiny.preprocess_cfg["mean"] == [0.5, 0.5, 0.5] and tiny.preprocess_cfg["resize_mode"] == "squash"
     emb = tiny.embed(_images(5), batch_size=2)
     assert emb.shape == (5, 128) and emb.dtype == np.float32
@@ -198,7 +198,7 @@ def test_boundary_path_equals_full_path(k, head):
         boundary = enc.boundary_features(pixels, k)
         via_boundary = enc.forward_from_boundary(boundary, k)
         full = enc(pixels)
-    assert boundary.shape == ((4, 192) if k == 0 else (4, 64, 192))
+    assert boundary.shape == ((4, 192) if k == 0 else (4, 144, 192))  # 192 px (tiny.yaml) in 16 px patches
     torch.testing.assert_close(via_boundary, full, atol=1e-5, rtol=0)
 
 
@@ -242,12 +242,12 @@ def test_bad_arguments_are_rejected(tiny):
 def test_non_square_crop_is_padded_not_stretched(tiny):
     red = Image.new("RGB", (20, 40), (255, 0, 0))  # tall crop: 2x as high as wide
     pixels = tiny.preprocess([red])[0]
-    assert pixels.shape == (3, 128, 128)
+    assert pixels.shape == (3, 192, 192)
     grey = (127 / 255 - 0.5) / 0.5
     # Side bands (a quarter of the width each) are the neutral fill, the centre is the red crop.
-    torch.testing.assert_close(pixels[:, :, :24], torch.full((3, 128, 24), grey), atol=1e-3, rtol=0)
-    torch.testing.assert_close(pixels[:, :, -24:], torch.full((3, 128, 24), grey), atol=1e-3, rtol=0)
-    assert pixels[0, :, 40:88].min() > 0.99 and pixels[1, :, 40:88].max() < -0.99
+    torch.testing.assert_close(pixels[:, :, :36], torch.full((3, 192, 36), grey), atol=1e-3, rtol=0)
+    torch.testing.assert_close(pixels[:, :, -36:], torch.full((3, 192, 36), grey), atol=1e-3, rtol=0)
+    assert pixels[0, :, 60:132].min() > 0.99 and pixels[1, :, 60:132].max() < -0.99
     stretched = tiny.transform(red)  # what a squash resize alone would give: red everywhere
     assert not torch.allclose(pixels, stretched, atol=0.1)
 
@@ -258,7 +258,7 @@ def test_preprocess_follows_the_model_dir_config_not_open_clip_defaults(exported
     oc = json.loads((folder / "open_clip_config.json").read_text())
     oc["preprocess_cfg"].update(mean=[0.1, 0.2, 0.3], std=[0.2, 0.2, 0.2], interpolation="bilinear")
     (folder / "open_clip_config.json").write_text(json.dumps(oc))
-    enc = StyleEncoder.from_config(_model_cfg(f"model.backbone=local-dir:{folder}"))
+    enc = StyleEncoder.from_config(_model_cfg(f"model.backbone=local-dir:{folder}", "model.image_size=0"))
     assert enc.preprocess_cfg["mean"] == [0.1, 0.2, 0.3] and enc.preprocess_cfg["interpolation"] == "bilinear"
     white = enc.preprocess([Image.new("RGB", (8, 8), (255, 255, 255))])[0]
     torch.testing.assert_close(white[:, 0, 0], torch.tensor([4.5, 4.0, 3.5]), atol=1e-4, rtol=0)
@@ -331,7 +331,8 @@ def test_open_clip_native_vision_transformer_is_supported(tmp_path):
         "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "resize_mode": "squash"},
     }
     folder = _write_open_clip_dir(tmp_path / "native", config)
-    enc = StyleEncoder.from_config(_model_cfg(f"model.backbone=local-dir:{folder}", "model.unlocked_blocks=2"))
+    enc = StyleEncoder.from_config(_model_cfg(f"model.backbone=local-dir:{folder}", "model.unlocked_blocks=2",
+                                                 "model.image_size=0"))
     assert (enc.feature_dim, enc.depth) == (48, 3)
     trainable = {n for n, p in enc.named_parameters() if p.requires_grad}
     assert {"clip.visual.proj", "clip.visual.ln_post.weight", "clip.visual.transformer.resblocks.2.mlp.c_fc.weight",
@@ -356,7 +357,8 @@ def test_new_model_version_is_a_valid_milvus_name_part():
 def test_marqo_config_with_random_weights_loads_as_local_dir(tmp_path):
     config = json.loads(MARQO_CONFIG.read_text())
     folder = _write_open_clip_dir(tmp_path / "marqo", config)
-    enc = StyleEncoder.from_config(_model_cfg(f"model.backbone=local-dir:{folder}", "model.unlocked_blocks=2"))
+    enc = StyleEncoder.from_config(_model_cfg(f"model.backbone=local-dir:{folder}", "model.unlocked_blocks=2",
+                                                 "model.image_size=0"))
     assert (enc.feature_dim, enc.embed_dim, enc.depth) == (768, 128, 12)
     cfg = enc.preprocess_cfg
     assert (cfg["size"], cfg["interpolation"], cfg["resize_mode"]) == ([224, 224], "bicubic", "squash")
@@ -393,12 +395,13 @@ def test_model_dirs_exported_with_the_first_64px_trunk_still_build():
 
 
 def test_image_size_resamples_the_trunk_and_round_trips_through_an_export(tmp_path):
-    base = _tiny()
+    base = _tiny("model.image_size=0")  # the trunk's own 128 px
     enc = _tiny("model.image_size=192")
     assert enc.preprocess_cfg["size"] == [192, 192]
-    assert tuple(enc.visual.trunk.pos_embed.shape) == (1, 144, 192)  # 12 x 12 patches of 16 px
-    # The resampled trunk is the pretrained one, not a fresh init: the patch projection is shared unchanged.
-    torch.testing.assert_close(enc.visual.trunk.patch_embed.proj.weight, base.visual.trunk.patch_embed.proj.weight)
+    # The same pretrained weights (position embeddings on the 8 x 8 grid, interpolated to 12 x 12 per forward).
+    for (name, a), (_, b) in zip(enc.visual.state_dict().items(), base.visual.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+    assert enc.preprocess(_images(1))[0].shape == (3, 192, 192)
     images = _images(4, seed=3)
     loaded = load(enc.export(tmp_path / "m192"))
     assert loaded.preprocess_cfg["size"] == [192, 192]
@@ -409,3 +412,20 @@ def test_image_size_resamples_the_trunk_and_round_trips_through_an_export(tmp_pa
 def test_image_size_must_fit_the_patch_grid():
     with pytest.raises(ValueError, match="multiple of the patch size 16"):
         _tiny("model.image_size=150")
+
+
+def test_a_fixed_grid_trunk_is_resampled_and_its_export_reloads(tmp_path):
+    """A timm trunk without dynamic position embeddings (like ViT-B-16-SigLIP's) gets them resampled."""
+    config = json.loads(MARQO_CONFIG.read_text())
+    config["model_cfg"]["vision_cfg"]["timm_model_name"] = "vit_tiny_patch16_224"  # small, same family of code
+    config["model_cfg"]["embed_dim"] = 192
+    config["model_cfg"]["text_cfg"] = {"context_length": 8, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1,
+                                       "no_causal_mask": True, "proj_bias": True, "pool_type": "last"}
+    folder = _write_open_clip_dir(tmp_path / "fixed", config)
+    enc = StyleEncoder.from_config(_model_cfg(f"model.backbone=local-dir:{folder}", "model.image_size=160"))
+    tokens = 10 * 10 + (0 if enc.visual.trunk.no_embed_class else enc.visual.trunk.num_prefix_tokens)
+    assert tuple(enc.visual.trunk.pos_embed.shape[1:]) == (tokens, 192)  # 160 px in patches of 16
+    images = _images(3, seed=5)
+    loaded = load(enc.export(tmp_path / "m160"))
+    assert tuple(loaded.visual.trunk.pos_embed.shape[1:]) == (tokens, 192)
+    np.testing.assert_allclose(loaded.embed(images), enc.embed(images), atol=1e-5, rtol=0)

@@ -73,6 +73,9 @@ _TINY_VIT_ARGS = {
     "class_token": False,
     "global_pool": "map",
     "num_classes": 0,
+    # Position embeddings interpolated to the input's patch grid at each forward (`model.image_size`): the weights
+    # keep the pretraining grid, so a dir exported at any size still loads in plain open_clip.
+    "dynamic_img_size": True,
 }
 # open_clip's local-dir loader takes any *.safetensors in the folder when these are absent (head.safetensors
 # included), so ootd demands one of its preferred names before handing a folder over.
@@ -172,6 +175,11 @@ def create_open_clip(backbone: str, allow_download: bool = False) -> tuple[torch
     )
 
 
+def _fixed_grid(trunk: Any) -> bool:
+    """Whether a timm trunk's position embeddings fit one input size only (not `dynamic_img_size`)."""
+    return hasattr(trunk, "set_input_size") and not getattr(trunk, "dynamic_img_size", False)
+
+
 class _DropRecords(logging.Filter):
     """Drops log records whose message contains `text`."""
 
@@ -201,7 +209,7 @@ def _create_from_dir(folder: Path) -> torch.nn.Module:
         logging.getLogger().removeFilter(quiet)
     size = (_read_model_cfg(folder).get("vision_cfg") or {}).get("image_size")
     trunk = getattr(model.visual, "trunk", None)
-    if size and hasattr(trunk, "set_input_size") and tuple(trunk.patch_embed.img_size) != (size, size):
+    if size and _fixed_grid(trunk) and tuple(trunk.patch_embed.img_size) != (size, size):
         model.visual.set_input_size(size)
     weights = next(folder / name for name in OPEN_CLIP_WEIGHT_FILES if (folder / name).is_file())
     open_clip.load_checkpoint(model, str(weights))
@@ -340,8 +348,9 @@ def _missing_hub_message(repo_id: str) -> str:
 
 
 def resize_input(model: torch.nn.Module, model_cfg: dict[str, Any], size: int) -> dict[str, Any]:
-    """Makes an open_clip model with a timm trunk take `size` x `size` inputs, in place: the trunk's position
-    embeddings are resampled (timm `set_input_size`) and the preprocess resizes to `size`.
+    """Makes an open_clip model with a timm trunk take `size` x `size` inputs, in place: the preprocess resizes to
+    `size`, and a trunk with a fixed patch grid has its position embeddings resampled (timm `set_input_size`; the
+    tiny trunk interpolates them at each forward instead).
 
     Args:
         model: the open_clip model.
@@ -364,7 +373,8 @@ def resize_input(model: torch.nn.Module, model_cfg: dict[str, Any], size: int) -
     patch = visual.trunk.patch_embed.patch_size[0]
     if size % patch:
         raise ValueError(f"model.image_size must be a multiple of the patch size {patch}, got {size}")
-    visual.set_input_size(size)
+    if _fixed_grid(visual.trunk):
+        visual.set_input_size(size)
     open_clip.set_model_preprocess_cfg(model, {**open_clip.get_model_preprocess_cfg(model), "size": size})
     resized = copy.deepcopy(model_cfg)
     resized.setdefault("vision_cfg", {})["image_size"] = size

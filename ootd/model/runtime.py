@@ -75,7 +75,7 @@ class OpenVINOEmbedder:
             # The converter traces with torch.jit, whose deprecation and tracer warnings say nothing to a user.
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                model = ov.convert_model(encoder, example_input=sample)
+                model = ov.convert_model(_fixed_grid_copy(encoder, size), example_input=sample)
         finally:
             encoder.train(was_training)
         model.reshape({model.input(0): ov.PartialShape([-1, 3, size[0], size[1]])})
@@ -106,6 +106,20 @@ class OpenVINOEmbedder:
 def preferred(device: str) -> str:
     """What `auto` means on `device`: OpenVINO on a CPU when it is installed, else PyTorch."""
     return "openvino" if is_cpu(device) and installed("openvino") else "torch"
+
+
+def _fixed_grid_copy(encoder: StyleEncoder, size: list[int]) -> StyleEncoder:
+    """The encoder, or for a trunk that interpolates its position embeddings at each forward (the tiny one at a
+    `model.image_size` of its own) a copy with them resampled once, by torch, for this input size: OpenVINO's
+    bicubic interpolation is not torch's (cosine 0.992 to PyTorch's embeddings where it ran in the graph)."""
+    import copy
+
+    trunk = getattr(encoder.visual, "trunk", None)
+    if not getattr(trunk, "dynamic_img_size", False) or tuple(trunk.patch_embed.img_size) == tuple(size):
+        return encoder
+    fixed = copy.deepcopy(encoder)
+    fixed.visual.trunk.set_input_size(img_size=tuple(size))
+    return fixed
 
 
 def build_embedder(encoder: StyleEncoder, runtime: str, precision: str, device: str,
