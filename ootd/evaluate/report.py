@@ -58,7 +58,7 @@ def markdown_report(table: str, variants: dict[str, dict[str, Any]], header: dic
     """report.md: what was evaluated, the table, what fine-tuning and cropping changed, warnings and plots."""
     counts = header["counts"]
     twin = header.get("random_backbone")
-    untrained = f", frozen random init = the same of its untrained twin `{twin}`" if twin else ""
+    untrained = f", frozen random init = the pooled features of its untrained twin `{twin}`" if twin else ""
     lines = [
         f"# ootd evaluation — model {header['model_version'] or Path(header['model_dir']).name}",
         "",
