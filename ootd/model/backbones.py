@@ -156,7 +156,7 @@ def create_open_clip(backbone: str, allow_download: bool = False) -> tuple[torch
         return create_tiny(pretrained=backbone == TINY), copy.deepcopy(TINY_MODEL_CFG)
     if backbone.startswith(LOCAL_DIR_PREFIX):
         folder = check_local_dir(backbone[len(LOCAL_DIR_PREFIX):])
-        return _create_from_dir(folder), _read_model_cfg(folder)
+        return _create_from_dir(folder)
     if backbone.startswith(HF_HUB_PREFIX):
         repo_id = backbone[len(HF_HUB_PREFIX):].strip()
         if not repo_id:
@@ -167,7 +167,7 @@ def create_open_clip(backbone: str, allow_download: bool = False) -> tuple[torch
         if snapshot is None:
             raise ModelNotAvailable(_missing_hub_message(repo_id))
         # The cached snapshot is a complete local dir: loading it this way needs no network call at all.
-        return _create_from_dir(snapshot), _read_model_cfg(snapshot)
+        return _create_from_dir(snapshot)
     raise ValueError(
         f"unknown backbone {backbone!r}: use 'hf-hub:ORG/REPO' (e.g. hf-hub:Marqo/marqo-fashionSigLIP), "
         f"'local-dir:PATH' (a folder with open_clip_config.json and open_clip_model.safetensors), 'tiny' or "
@@ -191,8 +191,8 @@ class _DropRecords(logging.Filter):
         return self.text not in record.getMessage()
 
 
-def _create_from_dir(folder: Path) -> torch.nn.Module:
-    """open_clip's `local-dir:` load, at the input size its config names.
+def _create_from_dir(folder: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """open_clip's `local-dir:` load, at the input size its config names; returns the model and its model_cfg.
 
     open_clip builds a timm trunk at timm's default size whatever `vision_cfg.image_size` says, so the weights of
     a model exported after `resize_input` (position embeddings for another token count) would not fit: the trunk
@@ -207,13 +207,14 @@ def _create_from_dir(folder: Path) -> torch.nn.Module:
         model = open_clip.create_model(f"{LOCAL_DIR_PREFIX}{folder}", load_weights=False)
     finally:
         logging.getLogger().removeFilter(quiet)
-    size = (_read_model_cfg(folder).get("vision_cfg") or {}).get("image_size")
+    model_cfg = _read_model_cfg(folder)
+    size = (model_cfg.get("vision_cfg") or {}).get("image_size")
     trunk = getattr(model.visual, "trunk", None)
     if size and _fixed_grid(trunk) and tuple(trunk.patch_embed.img_size) != (size, size):
         model.visual.set_input_size(size)
     weights = next(folder / name for name in OPEN_CLIP_WEIGHT_FILES if (folder / name).is_file())
     open_clip.load_checkpoint(model, str(weights))
-    return model
+    return model, model_cfg
 
 
 def create_tiny(pretrained: bool = True) -> torch.nn.Module:
