@@ -141,12 +141,15 @@ def run_demo(
 
     url = run_app(config, config_source=str(workdir / "config.yaml"), overrides=[], model_dir=model_dir)
     example = _example_image(workdir)
-    hits = search_by_photo(url, example, top_k=5)
+    hits = search_by_photo(url, example, top_k=6)  # the photo itself (it was indexed) and the five nearest others
     _say(f"\nIngest: {json.dumps(_short(ingest))}")
     _say(f"\nEvaluation (held-out split):\n{report.get('report', '') if isinstance(report, dict) else report}")
     _say(f"\nSearch with {example} →")
     for rank, hit in enumerate(hits, start=1):
         _say(f"  {rank}. score {hit['score']:.3f}  {hit['style']:<9} {hit['source']}")
+    others = [hit for hit in hits if hit["source"] != str(example)][:5]
+    same = sum(hit["style"] == example.parent.name for hit in others)
+    _say(f"  {same} of the {len(others)} nearest other outfits share the query's style ({example.parent.name})")
     _say(
         f"\nGallery:  {url}/\nAPI docs: {url}/docs\n"
         f"Try:      curl -s -F image=@{example} -F top_k=5 {url}/v1/search | python -m json.tool\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -85,6 +86,32 @@ def test_tiny_loads_the_trunk_file_and_tiny_random_does_not(tmp_path, monkeypatc
                                                    strict=True))  # fmt: skip
     qkv = [m.visual.trunk.blocks[0].attn.qkv.weight for m in (random_a, model)]
     assert not torch.equal(*qkv)
+
+
+def test_a_second_stage_continues_from_a_trunk_file_at_another_input_size(tmp_path):
+    first = AttributeNet(seed=0)
+    with torch.no_grad():
+        for param in first.visual.parameters():  # stands in for a first stage having moved the weights
+            param.add_(0.01)
+    weights = tmp_path / "stage1.safetensors"
+    _save_trunk(first.visual, weights)
+    second = AttributeNet(seed=0, init=str(weights))
+    for name, value in second.visual.state_dict().items():
+        assert torch.equal(value, first.visual.state_dict()[name]), name
+    # 192 px: the stored 8 x 8 position embeddings are interpolated to the 12 x 12 grid, the file keeps its shape.
+    x, y = render_set(TRAIN_STREAM, range(2), dataclasses.replace(SMALL, image_size=192))
+    assert x.shape == (2, 3, 192, 192)
+    assert all(out.shape[0] == 2 for out in second(x).values())
+    assert second.visual.trunk.pos_embed.shape == first.visual.trunk.pos_embed.shape
+
+
+def test_pretrain_rejects_a_bad_input_size_or_a_missing_init_before_starting_ray(tmp_path):
+    from ootd.train.pretrain import pretrain_backbone
+
+    with pytest.raises(ValueError, match="multiple of .*16"):
+        pretrain_backbone(dataclasses.replace(SMALL, image_size=100), tmp_path)
+    with pytest.raises(ValueError, match="init trunk weights not found"):
+        pretrain_backbone(dataclasses.replace(SMALL, init=str(tmp_path / "gone")), tmp_path)
 
 
 def test_missing_trunk_asset_is_a_clear_error(tmp_path, monkeypatch):

@@ -44,6 +44,10 @@ class PretrainSettings:
         weight_decay: AdamW decay on matrices (norms, biases and embeddings are not decayed).
         warmup_fraction: share of all steps spent warming up.
         render_size: side of the rendered photo before the outfit crop.
+        image_size: the trunk's input side (a multiple of 16): the tiny trunk interpolates its position embeddings
+            from the 8 x 8 grid it stores to this size's grid at each forward, so the weights file keeps its shape.
+        init: a trunk weights file (`tiny-backbone.safetensors`) to start from instead of the seeded random init:
+            a second stage at another `image_size` continues the first.
         max_pad: the crop box grows by up to this fraction per side, as a detector's padded, imperfect box does.
         seed: the data and init seed.
         num_workers: Ray Train (DDP) workers.
@@ -61,6 +65,8 @@ class PretrainSettings:
     weight_decay: float = 0.05
     warmup_fraction: float = 0.05
     render_size: int = 256
+    image_size: int = 128
+    init: str | None = None
     max_pad: float = 0.12
     seed: int = 0
     num_workers: int = 2
@@ -130,7 +136,7 @@ def render_set(
     """Renders photos `indices` of a stream: (pixels (N, 3, S, S) float32, labels (N, attributes) int64)."""
     from ootd.model import backbones
 
-    transform = backbones.eval_transform(_tiny_preprocess())
+    transform = backbones.eval_transform(_tiny_preprocess(settings.image_size))
     pixels, labels = [], []
     for index in indices:
         x, y = render_example(stream, index, settings, transform)
@@ -141,12 +147,10 @@ def render_set(
     return torch.stack(pixels), torch.from_numpy(np.stack(labels))
 
 
-def _tiny_preprocess() -> dict[str, Any]:
+def _tiny_preprocess(size: int) -> dict[str, Any]:
     from ootd.model import backbones
 
-    cfg = dict(backbones.TINY_PREPROCESS_CFG)
-    cfg["size"] = [cfg["size"], cfg["size"]] if isinstance(cfg["size"], int) else list(cfg["size"])
-    return cfg
+    return {**backbones.TINY_PREPROCESS_CFG, "size": [size, size]}
 
 
 class AttributeNet(torch.nn.Module):
@@ -154,13 +158,18 @@ class AttributeNet(torch.nn.Module):
 
     Args:
         seed: seeds the heads (the tower's init is `tiny-random`'s, seeded by `ootd.model.backbones`).
+        init: trunk weights to load into the tower (strict), e.g. a first stage's `tiny-backbone.safetensors`.
     """
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, init: str | None = None) -> None:
         from ootd.model.backbones import create_tiny, feature_dim_of
 
         super().__init__()
         self.visual = create_tiny(pretrained=False).visual
+        if init is not None:
+            from safetensors.torch import load_file
+
+            self.visual.load_state_dict(load_file(init), strict=True)
         dim = feature_dim_of(self.visual)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -231,7 +240,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if rank == 0:
         log.info("pretrain: bf16 autocast %s", "on" if bf16 else "off (fp32)")
 
-    net = AttributeNet(settings.seed)
+    net = AttributeNet(settings.seed, settings.init)
     model = ray.train.torch.prepare_model(net)  # DDP when world > 1; broadcasts rank 0's (identical) init
     optimizer = _optimizer(model, settings)
     local_batch = max(1, settings.batch_size // world)
@@ -321,6 +330,7 @@ def pretrain_backbone(settings: PretrainSettings, out_dir: str | Path, *, storag
         The metrics written: final per-attribute held-out accuracy, history, wall time, settings, file sizes.
 
     Raises:
+        ValueError: `image_size` is not a multiple of the patch size (16) or `init` is not a file.
         RuntimeError: when the run fails or reports no checkpoint.
     """
     import shutil
@@ -328,6 +338,10 @@ def pretrain_backbone(settings: PretrainSettings, out_dir: str | Path, *, storag
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    if settings.image_size % 16:
+        raise ValueError(f"image_size must be a multiple of the tiny trunk's patch size 16, got {settings.image_size}")
+    if settings.init is not None and not Path(settings.init).is_file():
+        raise ValueError(f"init trunk weights not found: {settings.init}")
     out = Path(out_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     storage = Path(storage_path).resolve() if storage_path else out / "ray_results"
