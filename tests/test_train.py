@@ -45,6 +45,7 @@ from tests.crops_fixture import write_crops_table
 REPO = Path(__file__).resolve().parents[1]
 
 # Small batches and a large validation split so the 78-photo fixture gives several steps and a scoreable val set.
+SMALL_VIEWS = 4
 SMALL = [
     "train.num_workers=2",
     "train.cpus_per_worker=0.5",
@@ -52,6 +53,8 @@ SMALL = [
     "train.images_per_style=2",
     "train.val_fraction=0.3",
     "train.test_fraction=0.0",
+    # These tests are about the job's mechanics: 4 cached views per crop instead of tiny.yaml's 12 keep them short.
+    f"train.augment_views={SMALL_VIEWS}",
 ]
 
 
@@ -379,8 +382,7 @@ def test_train_job_ddp_exports_a_model_that_beats_the_frozen_backbone(ray_cluste
     assert summary["feature_cache"] and Path(summary["feature_cache"]).parent == work / "feature_cache"
     # Both DDP workers trained: summed over workers, an epoch sees more rows than one worker's half of the split
     # (each training crop cached with its augmented views).
-    views = tiny_config.train.augment_views
-    train_rows = views * sum(split_of(i, 0.3, 0.0) == "train" for i in pd.read_parquet(crops)["image_id"])
+    train_rows = SMALL_VIEWS * sum(split_of(i, 0.3, 0.0) == "train" for i in pd.read_parquet(crops)["image_id"])
     assert all(train_rows / 2 < h["samples"] <= train_rows for h in summary["history"])
     # Checkpoints are ranked by validation mAP@10: the exported epoch is the best one seen.
     assert summary["metrics"]["val_map_at_10"] == max(h["val_map_at_10"] for h in summary["history"])
