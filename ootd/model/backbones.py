@@ -63,9 +63,10 @@ TINY_PREPROCESS_CFG: dict[str, Any] = {
 }
 # 128 px in patches of 16: the 64 tokens (and so the compute) of the first 64 px / patch 8 trunk, but a stripe or
 # check a few pixels wide in a crop survives the resize (at 64 px it was mostly gone).
+TINY_PATCH_SIZE = 16
 _TINY_VIT_ARGS = {
     "img_size": 128,
-    "patch_size": 16,
+    "patch_size": TINY_PATCH_SIZE,
     "embed_dim": 192,
     "depth": 4,
     "num_heads": 3,
@@ -241,11 +242,18 @@ def create_tiny(pretrained: bool = True) -> torch.nn.Module:
         torch.manual_seed(TINY_INIT_SEED)
         model = open_clip.create_model(TINY_OPEN_CLIP_NAME, force_preprocess_cfg=dict(TINY_PREPROCESS_CFG))
     if pretrained:
-        from safetensors.torch import load_file
-
-        # strict: a trunk of another shape (an asset from a different architecture) must fail loudly.
-        model.visual.load_state_dict(load_file(str(TINY_WEIGHTS)), strict=True)
+        load_tiny_trunk(model.visual, TINY_WEIGHTS)
     return model
+
+
+def load_tiny_trunk(visual: torch.nn.Module, weights: str | Path) -> None:
+    """Loads a trunk weights file (`tiny-backbone.safetensors` format) into the tiny vision tower, in place.
+
+    strict: a trunk of another shape (an asset from a different architecture) must fail loudly.
+    """
+    from safetensors.torch import load_file
+
+    visual.load_state_dict(load_file(str(weights)), strict=True)
 
 
 def locate_weights(backbone: str) -> str:

@@ -44,8 +44,9 @@ class PretrainSettings:
         weight_decay: AdamW decay on matrices (norms, biases and embeddings are not decayed).
         warmup_fraction: share of all steps spent warming up.
         render_size: side of the rendered photo before the outfit crop.
-        image_size: the trunk's input side (a multiple of 16): the tiny trunk interpolates its position embeddings
-            from the 8 x 8 grid it stores to this size's grid at each forward, so the weights file keeps its shape.
+        image_size: the trunk's input side (a multiple of the patch size, 16): the tiny trunk interpolates its
+            position embeddings from the 8 x 8 grid it stores to this size's grid at each forward, so the weights
+            file keeps its shape.
         init: a trunk weights file (`tiny-backbone.safetensors`) to start from instead of the seeded random init:
             a second stage at another `image_size` continues the first.
         max_pad: the crop box grows by up to this fraction per side, as a detector's padded, imperfect box does.
@@ -162,14 +163,12 @@ class AttributeNet(torch.nn.Module):
     """
 
     def __init__(self, seed: int = 0, init: str | None = None) -> None:
-        from ootd.model.backbones import create_tiny, feature_dim_of
+        from ootd.model.backbones import create_tiny, feature_dim_of, load_tiny_trunk
 
         super().__init__()
         self.visual = create_tiny(pretrained=False).visual
         if init is not None:
-            from safetensors.torch import load_file
-
-            self.visual.load_state_dict(load_file(init), strict=True)
+            load_tiny_trunk(self.visual, init)
         dim = feature_dim_of(self.visual)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -330,7 +329,7 @@ def pretrain_backbone(settings: PretrainSettings, out_dir: str | Path, *, storag
         The metrics written: final per-attribute held-out accuracy, history, wall time, settings, file sizes.
 
     Raises:
-        ValueError: `image_size` is not a multiple of the patch size (16) or `init` is not a file.
+        ValueError: `image_size` is not a multiple of the trunk's patch size or `init` is not a file.
         RuntimeError: when the run fails or reports no checkpoint.
     """
     import shutil
@@ -338,8 +337,11 @@ def pretrain_backbone(settings: PretrainSettings, out_dir: str | Path, *, storag
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    if settings.image_size % 16:
-        raise ValueError(f"image_size must be a multiple of the tiny trunk's patch size 16, got {settings.image_size}")
+    from ootd.model.backbones import TINY_PATCH_SIZE
+
+    if settings.image_size % TINY_PATCH_SIZE:
+        raise ValueError(f"image_size must be a multiple of the tiny trunk's patch size {TINY_PATCH_SIZE}, "
+                         f"got {settings.image_size}")  # fmt: skip
     if settings.init is not None and not Path(settings.init).is_file():
         raise ValueError(f"init trunk weights not found: {settings.init}")
     out = Path(out_dir).expanduser().resolve()
