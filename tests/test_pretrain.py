@@ -18,6 +18,7 @@ from ootd.train.pretrain import (
     attribute_loss,
     attribute_sizes,
     lr_at,
+    CropPixels,
     render_set,
 )
 
@@ -34,11 +35,23 @@ def test_rendered_crops_are_deterministic_labelled_and_streams_are_disjoint():
     assert not any(torch.equal(a, b) for a in x for b in ex)  # held-out photos are never training photos
     sizes = torch.tensor(list(attribute_sizes().values()))
     assert bool(((y >= 0) & (y < sizes)).all())
-    assert -1.0 <= float(x.min()) and float(x.max()) <= 1.0  # the tiny preprocess: mean/std 0.5
+    assert x.dtype == torch.uint8  # a quarter of float32's memory per worker
+
+
+def test_uint8_crops_normalise_to_exactly_what_the_eval_transform_gives():
+    from PIL import Image
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (150, 110, 3), dtype=np.uint8))
+    pixels = CropPixels(192)
+    expected = backbones.eval_transform({**backbones.TINY_PREPROCESS_CFG, "size": [192, 192]})(image)
+    got = pixels.normalise(pixels.to_uint8(image)[None])[0]
+    assert torch.equal(got, expected)  # bit-identical, not merely close
+    assert -1.0 <= float(got.min()) and float(got.max()) <= 1.0  # the tiny preprocess: mean/std 0.5
 
 
 def test_a_few_steps_on_a_handful_of_images_lower_the_attribute_loss():
     x, y = render_set(TRAIN_STREAM, range(8), SMALL)
+    x = CropPixels(SMALL.image_size).normalise(x)
     net = AttributeNet(seed=0)
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
     with torch.no_grad():
@@ -101,6 +114,7 @@ def test_a_second_stage_continues_from_a_trunk_file_at_another_input_size(tmp_pa
     # 192 px: the stored 8 x 8 position embeddings are interpolated to the 12 x 12 grid, the file keeps its shape.
     x, y = render_set(TRAIN_STREAM, range(2), dataclasses.replace(SMALL, image_size=192))
     assert x.shape == (2, 3, 192, 192)
+    x = CropPixels(192).normalise(x)
     assert all(out.shape[0] == 2 for out in second(x).values())
     assert second.visual.trunk.pos_embed.shape == first.visual.trunk.pos_embed.shape
 

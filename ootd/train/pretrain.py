@@ -16,6 +16,7 @@ import math
 import resource
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -100,16 +101,17 @@ def majority_baseline(settings: PretrainSettings) -> dict[str, float]:
 
 
 def render_example(stream: int, index: int, settings: PretrainSettings, transform: Any) -> tuple[Any, np.ndarray]:
-    """One attribute-mode photo as the encoder sees a crop: JPEG round trip, padded outfit box, the tiny preprocess.
+    """One attribute-mode photo as the encoder sees a crop: JPEG round trip, padded outfit box, the tiny preprocess
+    up to its normalisation (`CropPixels.normalise` does that per batch).
 
     Args:
         stream: TRAIN_STREAM or EVAL_STREAM.
         index: photo index within the stream.
         settings: the run (seed, render size, crop padding).
-        transform: the backbone's eval transform (`ootd.model.backbones.eval_transform`).
+        transform: PIL crop → uint8 tensor (`CropPixels.to_uint8`).
 
     Returns:
-        (float tensor (3, S, S), int64 labels in `attribute_sizes()` order).
+        (uint8 tensor (3, S, S), int64 labels in `attribute_sizes()` order).
     """
     from PIL import Image
 
@@ -131,21 +133,46 @@ def render_example(stream: int, index: int, settings: PretrainSettings, transfor
     return pixels, labels
 
 
+class CropPixels:
+    """The tiny eval transform split at its normalisation: PIL crop → uint8 tensor, then uint8 batch → model input.
+
+    Workers keep their rendered photos as uint8, a quarter of float32 (8,192 photos at 192 px: 0.9 GB instead of
+    3.6 GB per worker), and normalise each batch as it is used. The transform's to-tensor step is x / 255 of these
+    same uint8 values, so the model sees bit-identical inputs.
+    """
+
+    def __init__(self, size: int) -> None:
+        from ootd.model import backbones
+
+        steps = backbones.eval_transform(_tiny_preprocess(size)).transforms
+        if type(steps[-2]).__name__ != "MaybeToTensor" or type(steps[-1]).__name__ != "Normalize":
+            raise NotImplementedError(f"the tiny eval transform changed shape: {steps}")
+        self._resize, self._normalise = steps[:-2], steps[-1]
+
+    def to_uint8(self, image: Any) -> torch.Tensor:
+        for step in self._resize:
+            image = step(image)
+        return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
+
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self._normalise(pixels.float().div(255))
+
+
 def render_set(
     stream: int, indices: range | list[int], settings: PretrainSettings
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Renders photos `indices` of a stream: (pixels (N, 3, S, S) float32, labels (N, attributes) int64)."""
-    from ootd.model import backbones
-
-    transform = backbones.eval_transform(_tiny_preprocess(settings.image_size))
-    pixels, labels = [], []
-    for index in indices:
-        x, y = render_example(stream, index, settings, transform)
-        pixels.append(x)
-        labels.append(y)
-    if not pixels:
+    """Renders photos `indices` of a stream: (pixels (N, 3, S, S) uint8, labels (N, attributes) int64)."""
+    transform = CropPixels(settings.image_size)
+    indices = list(indices)
+    if not indices:
         raise ValueError(f"no photos to render in stream {stream} (n_train/n_eval too small for the workers)")
-    return torch.stack(pixels), torch.from_numpy(np.stack(labels))
+    size = settings.image_size
+    # Filled in place: stacking a list would hold every photo twice at the peak.
+    pixels = torch.empty((len(indices), 3, size, size), dtype=torch.uint8)
+    labels = np.empty((len(indices), len(attribute_sizes())), dtype=np.int64)
+    for row, index in enumerate(indices):
+        pixels[row], labels[row] = render_example(stream, index, settings, transform.to_uint8)
+    return pixels, torch.from_numpy(labels)
 
 
 def _tiny_preprocess(size: int) -> dict[str, Any]:
@@ -204,14 +231,14 @@ def lr_at(step: int, total: int, settings: PretrainSettings) -> float:
 
 
 def evaluate_attributes(model: torch.nn.Module, pixels: torch.Tensor, labels: torch.Tensor, bf16: bool,
-                        batch: int = 256) -> np.ndarray:  # fmt: skip
-    """Correct predictions per attribute (int counts, `attribute_sizes()` order) on the given photos."""
+                        normalise: Callable[[torch.Tensor], torch.Tensor], batch: int = 256) -> np.ndarray:  # fmt: skip
+    """Correct predictions per attribute (int counts, `attribute_sizes()` order) on the given uint8 photos."""
     correct = np.zeros(labels.shape[1], dtype=np.int64)
     was_training = model.training
     model.eval()
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         for start in range(0, len(pixels), batch):
-            logits = model(pixels[start:start + batch])
+            logits = model(normalise(pixels[start:start + batch]))
             for i, out in enumerate(logits.values()):
                 correct[i] += int((out.argmax(dim=1) == labels[start:start + batch, i]).sum())
     model.train(was_training)
@@ -235,6 +262,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_x, train_y = render_set(TRAIN_STREAM, range(rank, settings.n_train, world), settings)
     eval_x, eval_y = render_set(EVAL_STREAM, range(rank, settings.n_eval, world), settings)
     render_s = time.perf_counter() - started
+    pixels = CropPixels(settings.image_size)
     bf16 = native_bf16() if settings.bf16 is None else settings.bf16
     if rank == 0:
         log.info("pretrain: bf16 autocast %s", "on" if bf16 else "off (fp32)")
@@ -254,7 +282,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model.train()
         for i in range(steps_per_epoch):
             idx = order[(i * local_batch) % len(order):][:local_batch]
-            x, y = train_x[idx], train_y[idx]
+            x, y = pixels.normalise(train_x[idx]), train_y[idx]
             flip = torch.rand(len(x), generator=gen) < 0.5  # attributes are left-right symmetric
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
             for group in optimizer.param_groups:
@@ -267,7 +295,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             optimizer.step()
             losses.append(loss.detach().item())
             step += 1
-        correct = evaluate_attributes(net, eval_x, eval_y, bf16)
+        correct = evaluate_attributes(net, eval_x, eval_y, bf16, pixels.normalise)
         cpu = resource.getrusage(resource.RUSAGE_SELF)
         counts = np.array([*correct, cpu.ru_utime + cpu.ru_stime, len(eval_x), sum(losses), len(losses)])
         counts = _all_reduce_sum(counts.astype(np.float64), world)
