@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new", default=str(REPO / "ootd/assets/yolo-synthetic-garments.pt"),
                         help="the detector measured (default: the committed one)")
     parser.add_argument("--old", default=None, help="a detector to compare it with (.pt)")
-    parser.add_argument("--new-label", default="committed (domain-randomised)")
-    parser.add_argument("--old-label", default="first round (plain set only)")
+    parser.add_argument("--new-label", default=None, help="its name in the table (default: its file name)")
+    parser.add_argument("--old-label", default=None, help="the other's name in the table (default: its file name)")
     parser.add_argument("--per-style", type=int, default=8)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--standard-val", default=None, help="data.yaml whose val split both detectors validated on")
@@ -61,7 +61,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from ootd.detect.training import evaluate_outfit_boxes
 
-    detectors = {args.new_label: args.new, **({args.old_label: args.old} if args.old else {})}
+    detectors = {args.new_label or Path(args.new).name: args.new}
+    if args.old:
+        old_label = args.old_label or Path(args.old).name
+        if old_label in detectors:
+            parser.error("--new and --old share a file name: name them with --new-label and --old-label")
+        detectors[old_label] = args.old
     rows = []
     with tempfile.TemporaryDirectory(prefix="ootd-detector-domain-") as tmp:
         sets = {name: (yaml, "train") for name, yaml in write_sets(Path(tmp), args.per_style, args.size).items()}
