@@ -151,6 +151,8 @@ class TrainConfig:
     # Views per training crop: the crop and `augment_views - 1` style-preserving ones (flip, box jitter; never
     # colour: `ootd.train.augment`). Cached views are fixed per crop; an epoch passes over every view.
     augment_views: int = _bounded(1, lo=1, hi=32)
+    # Largest move of each box side in a view, as a fraction of the crop's side (`ootd.train.augment.BOX_JITTER`).
+    augment_box_jitter: float = _bounded(0.12, lo=0.0, hi=0.4)
     val_fraction: float = _bounded(0.15, lo=0.0, hi=0.5)
     test_fraction: float = _bounded(0.15, lo=0.0, hi=0.5)
     seed: int = 0

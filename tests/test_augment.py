@@ -58,3 +58,12 @@ def test_flips_happen_about_half_the_time():
 def test_box_jitter_out_of_range_is_refused():
     with pytest.raises(ValueError, match="box_jitter"):
         augmented_view(_striped_crop(), np.random.default_rng(0), box_jitter=0.5)
+
+
+def test_views_follow_the_configured_box_jitter():
+    crop = _striped_crop()
+    for view in views_of(crop, "ab" * 32, 8, box_jitter=0.0)[1:]:
+        assert view.size == crop.size  # no jitter: the crop or its mirror
+    wide = views_of(crop, "ab" * 32, 8, box_jitter=0.3)[1:]
+    assert all(40 * 0.4 - 1 <= v.size[0] <= 40 * 1.6 + 1 for v in wide)
+    assert max(abs(v.size[0] - 40) for v in wide) > 40 * 0.24  # beyond the default's reach

@@ -54,6 +54,7 @@ def augmented_view(image: Image.Image, rng: np.random.Generator, box_jitter: flo
     return ImageOps.mirror(view) if rng.random() < 0.5 else view
 
 
-def views_of(image: Image.Image, image_id: str, n_views: int) -> list[Image.Image]:
+def views_of(image: Image.Image, image_id: str, n_views: int, box_jitter: float = BOX_JITTER) -> list[Image.Image]:
     """The crop itself (view 0) followed by `n_views - 1` augmented views, each seeded by (image id, view)."""
-    return [image] + [augmented_view(image, np.random.default_rng(view_seed(image_id, v))) for v in range(1, n_views)]
+    return [image] + [augmented_view(image, np.random.default_rng(view_seed(image_id, v)), box_jitter)
+                      for v in range(1, n_views)]  # fmt: skip

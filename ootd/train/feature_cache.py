@@ -20,6 +20,7 @@ from ootd.decode import decode_crop
 from ootd.logs import quiet_libraries
 from ootd.model.encoder import build_encoder, weights_fingerprint
 from ootd.placement import gpu_requested
+from ootd.train.augment import BOX_JITTER, views_of
 from ootd.tables import crops_snapshot, read_columns
 
 if TYPE_CHECKING:
@@ -108,11 +109,13 @@ class ViewPlan:
         train_views: views per training crop, the crop itself included (1: no augmentation).
         val_fraction: the split's fractions, as `train.val_fraction` / `train.test_fraction`.
         test_fraction: see `val_fraction`.
+        box_jitter: largest move of a box side in a view (`train.augment_box_jitter`).
     """
 
     train_views: int = 1
     val_fraction: float = 0.15
     test_fraction: float = 0.15
+    box_jitter: float = BOX_JITTER
 
     def views_for(self, image_id: str, near_dup_of: str | None) -> int:
         """How many views to cache for one crop."""
@@ -148,8 +151,6 @@ class BoundaryFeatures:
             )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        from ootd.train.augment import views_of
-
         ids, styles, views, errors, images = [], [], [], [], []
         groups = batch.get("near_dup_of", [None] * len(batch["image_id"]))
         for image_id, style, crop, group in zip(batch["image_id"], batch["style"], batch["crop"], groups,
@@ -157,7 +158,8 @@ class BoundaryFeatures:
             if style is None:
                 continue  # unlabelled crops never train
             try:
-                crop_views = views_of(decode_crop(crop), image_id, self.plan.views_for(image_id, group))
+                crop_views = views_of(decode_crop(crop), image_id, self.plan.views_for(image_id, group),
+                                      self.plan.box_jitter)
                 error = None
             except Exception as exc:  # a corrupt crop loses only itself
                 crop_views, error = [None], f"crop does not decode: {type(exc).__name__}: {exc}"
@@ -234,7 +236,7 @@ def build_feature_cache(
     if probe is None or probe.get("unlocked_blocks") != k:
         probe = probe_encoder(config.model, k)
     tcfg = config.train
-    plan = ViewPlan(tcfg.augment_views, tcfg.val_fraction, tcfg.test_fraction)
+    plan = ViewPlan(tcfg.augment_views, tcfg.val_fraction, tcfg.test_fraction, tcfg.augment_box_jitter)
     key = cache_key(config.model.backbone, k, probe["fingerprint"], probe["preprocess"], snapshot, asdict(plan))
     root = Path(workdir) / "feature_cache"
     final = root / key

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ootd.logs import quiet_libraries
+from ootd.train.augment import BOX_JITTER
 from ootd.train.batches import BatcherStats, balanced_batches
 from ootd.train.checkpoint import (
     STATE_FILE,
@@ -215,7 +216,8 @@ def run_epoch(worker: Worker, model: torch.nn.Module, shard, progress: Progress,
     # From images, a training crop is replaced by a random style-preserving view when augmentation is on.
     augment = np.random.default_rng(seed) if tcfg.augment_views > 1 and not settings.from_cache else None
     while _all_workers((batch := next(batches, None)) is not None, world):
-        inputs, labels = collate(batch, settings.from_cache, settings.shape, worker.encoder, augment)
+        inputs, labels = collate(batch, settings.from_cache, settings.shape, worker.encoder, augment,
+                                 tcfg.augment_box_jitter)
         set_lr(worker.optimizer, lr_factor(progress.step, progress.total_steps, tcfg.warmup_fraction))
         inputs, labels = inputs.to(worker.device), labels.to(worker.device)
         loss = train_step(model, worker.optimizer, worker.loss_fn, inputs, labels, worker.autocast)
@@ -353,6 +355,7 @@ def collate(
     shape: tuple[int, ...] | None,
     encoder: StyleEncoder,
     augment: np.random.Generator | None = None,
+    box_jitter: float = BOX_JITTER,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(label, payload) rows → (inputs, labels): cached fp16 activations, or decoded and preprocessed crops.
 
@@ -370,7 +373,7 @@ def collate(
         return torch.from_numpy(decode_features(payloads, shape)).float(), labels
     images = [decode_crop(b) for b in payloads]
     if augment is not None:
-        images = [augmented_view(im, augment) if augment.random() < 0.5 else im for im in images]
+        images = [augmented_view(im, augment, box_jitter) if augment.random() < 0.5 else im for im in images]
     return encoder.preprocess(images), labels
 
 
