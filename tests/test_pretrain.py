@@ -14,11 +14,11 @@ from ootd.train.pretrain import (
     EVAL_STREAM,
     TRAIN_STREAM,
     AttributeNet,
+    CropPixels,
     PretrainSettings,
     attribute_loss,
     attribute_sizes,
     lr_at,
-    CropPixels,
     render_set,
 )
 

@@ -20,8 +20,8 @@ from ootd.decode import decode_crop
 from ootd.logs import quiet_libraries
 from ootd.model.encoder import build_encoder, weights_fingerprint
 from ootd.placement import gpu_requested
-from ootd.train.augment import BOX_JITTER, views_of
 from ootd.tables import crops_snapshot, read_columns
+from ootd.train.augment import BOX_JITTER, views_of
 
 if TYPE_CHECKING:
     import pyarrow as pa
