@@ -18,6 +18,13 @@ def test_none_gives_dataclass_defaults():
     assert load_config(None) == Config()
 
 
+def test_box_jitter_default_is_the_augmentation_modules():
+    from ootd.train.augment import BOX_JITTER
+
+    # config.py cannot import the training code, so the default is written twice: this keeps them equal.
+    assert Config().train.augment_box_jitter == BOX_JITTER
+
+
 @pytest.mark.parametrize(
     ("override", "section", "key", "expected"),
     [

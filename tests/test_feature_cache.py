@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -186,3 +187,9 @@ def test_training_crops_get_their_augmented_views_and_evaluation_crops_only_them
     first = {i: f for i, v, f in zip(out["image_id"], out["view"], out["features"], strict=True) if v == 0}
     assert first == dict(zip(plain["image_id"], plain["features"], strict=True))
     assert len(set(out["features"])) == len(out["features"])
+    # The plan's box jitter reaches the views: another jitter, other augmented views, the same view 0.
+    wide = BoundaryFeatures(tiny_config.model, 1, fingerprint, plan=dataclasses.replace(plan, box_jitter=0.3))
+    wide_out = wide(batch).to_pydict()
+    assert wide_out["view"] == out["view"]
+    for v, f, g in zip(out["view"], out["features"], wide_out["features"], strict=True):
+        assert (f == g) == (v == 0)

@@ -162,7 +162,7 @@ def render_set(
     stream: int, indices: range | list[int], settings: PretrainSettings
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Renders photos `indices` of a stream: (pixels (N, 3, S, S) uint8, labels (N, attributes) int64)."""
-    transform = CropPixels(settings.image_size)
+    crop_pixels = CropPixels(settings.image_size)
     indices = list(indices)
     if not indices:
         raise ValueError(f"no photos to render in stream {stream} (n_train/n_eval too small for the workers)")
@@ -171,7 +171,7 @@ def render_set(
     pixels = torch.empty((len(indices), 3, size, size), dtype=torch.uint8)
     labels = np.empty((len(indices), len(attribute_sizes())), dtype=np.int64)
     for row, index in enumerate(indices):
-        pixels[row], labels[row] = render_example(stream, index, settings, transform.to_uint8)
+        pixels[row], labels[row] = render_example(stream, index, settings, crop_pixels.to_uint8)
     return pixels, torch.from_numpy(labels)
 
 
@@ -262,7 +262,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_x, train_y = render_set(TRAIN_STREAM, range(rank, settings.n_train, world), settings)
     eval_x, eval_y = render_set(EVAL_STREAM, range(rank, settings.n_eval, world), settings)
     render_s = time.perf_counter() - started
-    pixels = CropPixels(settings.image_size)
+    crop_pixels = CropPixels(settings.image_size)
     bf16 = native_bf16() if settings.bf16 is None else settings.bf16
     if rank == 0:
         log.info("pretrain: bf16 autocast %s", "on" if bf16 else "off (fp32)")
@@ -282,7 +282,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model.train()
         for i in range(steps_per_epoch):
             idx = order[(i * local_batch) % len(order):][:local_batch]
-            x, y = pixels.normalise(train_x[idx]), train_y[idx]
+            x, y = crop_pixels.normalise(train_x[idx]), train_y[idx]
             flip = torch.rand(len(x), generator=gen) < 0.5  # attributes are left-right symmetric
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
             for group in optimizer.param_groups:
@@ -295,7 +295,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             optimizer.step()
             losses.append(loss.detach().item())
             step += 1
-        correct = evaluate_attributes(net, eval_x, eval_y, bf16, pixels.normalise)
+        correct = evaluate_attributes(net, eval_x, eval_y, bf16, crop_pixels.normalise)
         cpu = resource.getrusage(resource.RUSAGE_SELF)
         counts = np.array([*correct, cpu.ru_utime + cpu.ru_stime, len(eval_x), sum(losses), len(losses)])
         counts = _all_reduce_sum(counts.astype(np.float64), world)
