@@ -10,7 +10,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 
@@ -62,6 +62,19 @@ def _user_errors() -> Iterator[None]:
         yield
     except (FileNotFoundError, FileExistsError, ValueError, ConnectionError, ModelNotAvailable) as exc:
         _fail(str(exc))
+
+
+def _key_values(items: list[str], option: str) -> dict[str, Any]:
+    """KEY=VALUE strings → dict, each value read as YAML (numbers, booleans, lists stay typed)."""
+    import yaml
+
+    parsed = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            _fail(f"{option} takes KEY=VALUE, got {item!r}")
+        parsed[key.strip()] = yaml.safe_load(raw)
+    return parsed
 
 
 def _warn_if_relative(**paths: str | Path | None) -> None:
@@ -181,6 +194,9 @@ def train_detector(
     randomisation: Annotated[str, typer.Option(help="Randomisation preset of those photos (training; held-out "
                                                     "is for measuring only).")] = "training",
     randomise_seed: Annotated[int, typer.Option(help="Seed of the randomised photos.")] = 1000,
+    ultralytics_args: Annotated[list[str] | None, typer.Option(
+        "--ultralytics-arg", help="An ultralytics train argument as KEY=VALUE (repeatable; e.g. degrees=12); it wins "
+        "over --augment's preset.")] = None,
     ray_task: Annotated[bool, typer.Option("--ray/--no-ray", help="Train in a Ray task (any node) or here.")] = True,
     num_cpus: Annotated[float, typer.Option(min=0, help="CPUs the Ray task reserves.")] = 1.0,
     num_gpus: Annotated[float | None, typer.Option(min=0, help="GPUs the Ray task reserves; default: 1 unless "
@@ -203,7 +219,7 @@ def train_detector(
               "workers": workers, "seed": seed, "cache": cache, "conf": cfg.detect.conf,
               "relative_conf": cfg.detect.relative_conf, "threads": threads,
               "augment": augment, "randomise_per_style": randomise_per_style, "randomisation": randomisation,
-              "randomise_seed": randomise_seed}
+              "randomise_seed": randomise_seed, "extra": _key_values(ultralytics_args or [], "--ultralytics-arg")}
     with _user_errors():
         if ray_task:
             _connect_ray(address)

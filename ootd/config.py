@@ -153,6 +153,9 @@ class TrainConfig:
     augment_views: int = _bounded(1, lo=1, hi=32)
     # Largest move of each box side in a view, as a fraction of the crop's side (`ootd.train.augment.BOX_JITTER`).
     augment_box_jitter: float = _bounded(0.12, lo=0.0, hi=0.4)
+    # Exponential moving average of the trainable weights, updated every step; validation scores it and the
+    # export ships it (`ootd.train.averaging`). 0 turns it off.
+    ema_decay: float = _bounded(0.0, lo=0.0, hi=0.9999)
     val_fraction: float = _bounded(0.15, lo=0.0, hi=0.5)
     test_fraction: float = _bounded(0.15, lo=0.0, hi=0.5)
     seed: int = 0

@@ -232,15 +232,20 @@ def test_train_detector_stays_offline_and_writes_weights_metrics_and_args(small_
 def test_train_detector_job_under_ray_job_submit(ray_cluster, small_yolo_set, tmp_path):
     import json
 
+    import yaml
+
     out = tmp_path / "job_det"
     result = ray_cluster.submit_job(
         "jobs/train_detector.py", "--config", "tiny", "--data", small_yolo_set["data_yaml"], "--out", str(out),
         "--epochs", "1", "--imgsz", "128", "--batch", "8", "--num-cpus", "0.5",
+        "--ultralytics-arg", "degrees=3", "--ultralytics-arg", "shear=1.5",
     )
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["weights"] == str(out / "best.pt") and (out / "best.pt").is_file()
     assert (out / "config.yaml").is_file() and (out / "train_args.yaml").is_file()
+    args = yaml.safe_load((out / "train_args.yaml").read_text())
+    assert (args["degrees"], args["shear"]) == (3.0, 1.5)  # --ultralytics-arg reached ultralytics, typed
     assert (out / "ultralytics" / "results.csv").is_file()
 
 
@@ -264,3 +269,15 @@ def test_loading_ultralytics_leaves_pil_open_alone():
     offline_ultralytics()
     with pytest.raises(UnidentifiedImageError):
         Image.open(io.BytesIO(b"definitely not an image"))
+
+
+def test_train_detector_cli_refuses_an_ultralytics_arg_without_a_value(small_yolo_set, tmp_path):
+    from typer.testing import CliRunner
+
+    from ootd.cli import app
+
+    result = CliRunner().invoke(app, ["train-detector", "--data", small_yolo_set["data_yaml"], "--out",
+                                      str(tmp_path / "det"), "--no-ray", "--ultralytics-arg", "degrees"])
+    assert result.exit_code == 2
+    assert "--ultralytics-arg takes KEY=VALUE, got 'degrees'" in result.output
+    assert not (tmp_path / "det").exists()  # refused before any training

@@ -217,6 +217,39 @@ def test_restore_continues_the_schedule_where_the_checkpoint_left_it(tiny_config
     assert [g["base_lr"] for g in worker.optimizer.param_groups] == [g["base_lr"] for g in fresh.optimizer.param_groups]
 
 
+def test_restore_brings_back_the_weight_average_on_rank_0_only(tiny_config, tmp_path):
+    from ootd.model.encoder import weights_fingerprint
+
+    cfg = with_overrides(tiny_config, ["model.unlocked_blocks=1", "train.epochs=3", "train.ema_decay=0.9"])
+    settings = _settings(cfg, fingerprint=weights_fingerprint(build_encoder(cfg.model)))
+    saved = setup(settings, rank=0, world=1, device=torch.device("cpu"))
+    average = restore(None, saved).average
+    assert average is not None and average.updates == 0
+    with torch.no_grad():
+        for p in saved.encoder.parameters():
+            if p.requires_grad:
+                p.add_(1.0)
+    average.update(saved.encoder)
+    state = {"epoch": 1, "trainable": trainable_state(saved.encoder), "optimizer": saved.optimizer.state_dict(),
+             "step": 4, "history": [{"epoch": 1, "steps": 4}], "compat": compat(settings),
+             "averaged": average.state_dict()}
+    torch.save(state, tmp_path / STATE_FILE)
+
+    class Checkpoint:
+        def as_directory(self):
+            import contextlib
+
+            return contextlib.nullcontext(str(tmp_path))
+
+    progress = restore(Checkpoint(), setup(settings, rank=0, world=1, device=torch.device("cpu")))
+    assert progress.average.updates == 1
+    for name, value in progress.average.weights.items():
+        torch.testing.assert_close(value, average.weights[name])
+    assert restore(Checkpoint(), setup(settings, rank=1, world=2, device=torch.device("cpu"))).average is None
+    off = _settings(with_overrides(cfg, ["train.ema_decay=0"]), fingerprint=settings.fingerprint)
+    assert restore(None, setup(off, rank=0, world=1, device=torch.device("cpu"))).average is None
+
+
 def test_fault_point_does_nothing_unless_a_plan_is_set(tmp_path, monkeypatch):
     monkeypatch.delenv(FAULTS_ENV, raising=False)
     fault_point("start", rank=0)

@@ -251,7 +251,8 @@ def export_best(result: Result, config: Config, workdir: str | Path) -> tuple[Pa
     if weights_fingerprint(encoder) != state["fingerprint"]:
         raise RuntimeError(f"backbone {config.model.backbone!r} does not rebuild to the weights the run trained on")
     encoder.freeze(config.model.unlocked_blocks)
-    load_trainable(encoder, state["trainable"])
+    # With train.ema_decay the checkpoint carries the weight average its validation scored: that is what ships.
+    load_trainable(encoder, state["averaged"]["weights"] if "averaged" in state else state["trainable"])
     version = new_model_version()
     metrics = {key: value for key, value in metrics.items() if not key.startswith("_")}
     model_dir = encoder.export(
