@@ -13,7 +13,7 @@ Reported per set: fallback rate (no garment found → the whole photo), median a
 box against the ground-truth union box (a fallback scores 0), share of photos with IoU ≥ 0.8.
 
 Run: .venv/bin/python benchmarks/detector_domain.py [--new /tmp/det2/best.pt] [--old /tmp/det1/best.pt]
-     [--per-style 8] [--standard-val /tmp/det_data/yolo/data.yaml]   (a few minutes on 2 cores)
+     [--per-style 8] [--imgsz 224 256] [--standard-val /tmp/det_data/yolo/data.yaml]   (a few minutes on 2 cores)
 Writes benchmarks/results/detector_domain.md.
 """
 
@@ -54,7 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-label", default=None, help="its name in the table (default: its file name)")
     parser.add_argument("--old-label", default=None, help="the other's name in the table (default: its file name)")
     parser.add_argument("--per-style", type=int, default=8)
-    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--size", type=int, default=256, help="side of the rendered photos")
+    parser.add_argument("--imgsz", type=int, nargs="+", default=None,
+                        help="detector inference sizes to measure (default: --size)")
+    parser.add_argument("--rules", nargs="+", choices=list(RULES), default=list(RULES),
+                        help="garment-keeping rules to measure (default: all)")
     parser.add_argument("--standard-val", default=None, help="data.yaml whose val split both detectors validated on")
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/detector_domain.md"))
     args = parser.parse_args(argv)
@@ -74,12 +78,14 @@ def main(argv: list[str] | None = None) -> int:
             sets = {"standard val (seed 11)": (Path(args.standard_val), "val"), **sets}
         for set_name, (data_yaml, split) in sets.items():
             for label, weights in detectors.items():
-                for rule, (conf, relative) in RULES.items():
-                    m = evaluate_outfit_boxes(weights, data_yaml, split=split, imgsz=args.size, conf=conf,
-                                              relative_conf=relative)
-                    rows.append((set_name, label, rule, m))
-                    print(set_name, label, rule, {k: round(v, 3) if isinstance(v, float) else v
-                                                  for k, v in m.items()}, flush=True)
+                for imgsz in args.imgsz or [args.size]:
+                    for rule in args.rules:
+                        conf, relative = RULES[rule]
+                        m = evaluate_outfit_boxes(weights, data_yaml, split=split, imgsz=imgsz, conf=conf,
+                                                  relative_conf=relative)
+                        rows.append((set_name, label, imgsz, rule, m))
+                        print(set_name, label, imgsz, rule, {k: round(v, 3) if isinstance(v, float) else v
+                                                             for k, v in m.items()}, flush=True)
 
     lines = [
         "# Detector domain generalisation (`benchmarks/detector_domain.py`)",
@@ -88,12 +94,12 @@ def main(argv: list[str] | None = None) -> int:
         f"seeds {SEEDS}. Real `Detector` path, no padding; fallback = no garment found (IoU 0). Rules: a garment "
         "is kept when its confidence is ≥ conf and ≥ relative × the photo's best garment's.",
         "",
-        "| set | detector | rule | n | fallback | median IoU | mean IoU | IoU ≥ 0.8 |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "| set | detector | imgsz | rule | n | fallback | median IoU | mean IoU | IoU ≥ 0.8 |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|",
     ]
-    for set_name, label, rule, m in rows:
+    for set_name, label, imgsz, rule, m in rows:
         n = m["n_val_images"]
-        lines.append(f"| {set_name} | {label} | {rule} | {n} | {m['n_fallback'] / n:.1%} | "
+        lines.append(f"| {set_name} | {label} | {imgsz} | {rule} | {n} | {m['n_fallback'] / n:.1%} | "
                      f"{m['outfit_iou_median']:.3f} | "
                      f"{m['outfit_iou_mean']:.3f} | {m['outfit_iou_ge_0_8']:.1%} |")
     lines += ["", f"Detectors: {detectors}. Held-out ranges: `ootd.synthetic_domain.HELD_OUT`, "

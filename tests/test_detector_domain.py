@@ -179,10 +179,10 @@ def test_add_randomised_photos_extends_the_train_split_only(tmp_path):
 # The committed detector on held-out photos it never trained on, under the default garment-keeping rule (conf 0.1
 # and 0.3 x the photo's best garment; benchmarks/detector_domain.py has the full table). Issue #14's targets are
 # fallback <= 10 % and median IoU >= 0.8: the fallback target is met (these 39 photos: none), the IoU one is not
-# (round 3 measured 0.744 here and 0.765 on the 104-photo set; round 2: 0.735 and 0.709), so the IoU bound is
-# what the detector reaches, less a 0.1 margin.
+# (round 4 measured 0.783 here and 0.785 on the 104-photo set; round 3: 0.744 and 0.765; round 2: 0.735 and
+# 0.709), so the IoU bound is what the detector reaches, less a 0.1 margin.
 HELD_OUT_MAX_FALLBACK = 0.10
-HELD_OUT_MIN_MEDIAN_IOU = 0.64
+HELD_OUT_MIN_MEDIAN_IOU = 0.68
 
 
 @pytest.mark.slow
