@@ -42,12 +42,30 @@ def resolve_demo_config(config: Config, overrides: Sequence[str] = ()) -> Config
     return load_config("tiny", list(overrides))
 
 
+def weights_digests(config: Config) -> dict[str, str]:
+    """sha256 of the weight files the stages read beyond the config: a committed asset replaced under the same
+    name (a new detector, a re-pretrained trunk) must not let a rerun reuse crops or models made with the old one."""
+    from ootd.detect.yolo import resolve_weights
+    from ootd.model.backbones import TINY_WEIGHTS
+
+    files: dict[str, Path | None] = {}
+    try:
+        files["detector"] = resolve_weights(config.detect.weights)
+    except FileNotFoundError:
+        files["detector"] = None  # the ingest stage reports it
+    if config.model.backbone == "tiny":
+        files["backbone"] = TINY_WEIGHTS
+    return {name: hashlib.sha256(path.read_bytes()).hexdigest() if path and path.is_file() else "missing"
+            for name, path in files.items()}
+
+
 class StageLog:
     """Records finished stages in <workdir>/demo_state.json so a second run reuses them."""
 
     def __init__(self, workdir: Path, config: Config, inputs: str):
         self.path = workdir / "demo_state.json"
-        fingerprint = json.dumps({"config": config_to_dict(config), "inputs": inputs}, sort_keys=True)
+        fingerprint = json.dumps({"config": config_to_dict(config), "inputs": inputs,
+                                  "weights": weights_digests(config)}, sort_keys=True)
         self.key = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
         state = json.loads(self.path.read_text()) if self.path.exists() else {}
         self.done: dict[str, Any] = state.get("done", {}) if state.get("key") == self.key else {}

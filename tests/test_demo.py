@@ -20,7 +20,7 @@ def test_a_locally_available_backbone_is_kept(tiny_config, capsys):
     assert "Falling back" not in capsys.readouterr().out
 
 
-def test_finished_stages_are_reused_until_the_config_or_input_changes(tiny_config, tmp_path):
+def test_finished_stages_are_reused_until_the_config_input_or_weights_change(tiny_config, tmp_path):
     calls: list[str] = []
 
     def stage(name: str):
@@ -35,3 +35,13 @@ def test_finished_stages_are_reused_until_the_config_or_input_changes(tiny_confi
                                                                                      stage("ingest"))
     StageLog(tmp_path, tiny_config, "other-photos").run("ingest", "ingest", stage("ingest"))
     assert calls == ["ingest", "ingest", "ingest"]
+    # The same config naming a detector file whose content changed: nothing is reused.
+    detector = tmp_path / "det.pt"
+    detector.write_bytes(b"round 1")
+    named = with_overrides(tiny_config, [f"detect.weights={detector}"])
+    StageLog(tmp_path, named, "photos").run("ingest", "ingest", stage("ingest"))
+    StageLog(tmp_path, named, "photos").run("ingest", "ingest", stage("ingest"))
+    assert calls == ["ingest"] * 4
+    detector.write_bytes(b"round 2")
+    StageLog(tmp_path, named, "photos").run("ingest", "ingest", stage("ingest"))
+    assert calls == ["ingest"] * 5
