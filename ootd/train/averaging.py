@@ -1,8 +1,9 @@
 """Exponential moving average of the trainable weights: what validation scores and the export ships.
 
-The last epochs of a short fine-tune wander with the order of its batches; averaging the weights over the last
-few hundred steps removes most of that run-to-run noise at no training cost (the average is a copy of the head
-and the unlocked blocks, updated after every optimizer step on rank 0 only: DDP keeps every rank's weights equal).
+The last epochs of a short fine-tune wander with the order of its batches, and validation picks one single-step
+snapshot of that walk. Averaging the weights over the last hundred or so steps damps the walk at no training cost
+(what it bought on the demo's data is in README "Evaluation"). The average is a copy of the head and the unlocked
+blocks, updated after every optimizer step on rank 0 only: DDP keeps every rank's weights equal.
 """
 
 from __future__ import annotations
