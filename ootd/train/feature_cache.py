@@ -253,9 +253,10 @@ def build_feature_cache(
         files = [str(Path(crops_dir).resolve() / name) for name, _ in snapshot]  # exactly what the key hashed
         columns = ["image_id", "style", "crop"] + (["near_dup_of"] if "near_dup_of" in _columns(files) else [])
         # Ingest writes crops in source order, so a style's crops sit together (runs of ~150 rows in the demo's
-        # table) and the trainer's 256-row local shuffle could not mix them: its class-balanced batcher dropped
-        # ~45 % of each epoch waiting for all styles. One seeded shuffle of the crops (small JPEGs) here leaves
-        # the cache in random order for every epoch; the local shuffle then varies it per epoch.
+        # table) and the trainer's local shuffle (then 256 rows) could not mix them: its class-balanced batcher
+        # dropped ~45 % of each epoch waiting for all styles. One seeded shuffle of the crops (small JPEGs) here
+        # leaves the cache in random order; a crop's views stay together, which the trainer's 2,048-row local
+        # shuffle spreads out, varying the order per epoch.
         ds = ray.data.read_parquet(files).select_columns(columns).random_shuffle(seed=0)
         ds = ds.map_batches(
             BoundaryFeatures,
