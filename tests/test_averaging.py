@@ -8,6 +8,7 @@ import torch
 from ootd.config import with_overrides
 from ootd.model.encoder import build_encoder
 from ootd.train.averaging import WeightAverage
+from ootd.train.checkpoint import shipped_weights, trainable_state
 
 
 @pytest.fixture()
@@ -15,10 +16,6 @@ def encoder(tiny_config):
     model = build_encoder(with_overrides(tiny_config, ["model.unlocked_blocks=1"]).model)
     model.freeze(1)
     return model
-
-
-def _trainable(encoder) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in encoder.named_parameters() if p.requires_grad}
 
 
 def _shift(encoder, amount: float) -> None:
@@ -29,7 +26,7 @@ def _shift(encoder, amount: float) -> None:
 
 
 def test_update_follows_the_warmed_up_decay_and_leaves_frozen_weights_alone(encoder):
-    start = _trainable(encoder)
+    start = trainable_state(encoder)
     average = WeightAverage(encoder, decay=0.99)
     assert set(average.weights) == set(start) and start  # head + the unlocked block only
     assert not any(".trunk.blocks.0." in name for name in start)
@@ -45,23 +42,23 @@ def test_update_follows_the_warmed_up_decay_and_leaves_frozen_weights_alone(enco
 
 def test_applied_swaps_the_average_in_and_the_live_weights_back(encoder):
     average = WeightAverage(encoder, decay=0.9)
-    averaged = _trainable(encoder)
+    averaged = trainable_state(encoder)
     _shift(encoder, 0.5)
-    live = _trainable(encoder)
+    live = trainable_state(encoder)
     with average.applied(encoder):
-        for name, value in _trainable(encoder).items():
+        for name, value in trainable_state(encoder).items():
             torch.testing.assert_close(value, averaged[name])
-    for name, value in _trainable(encoder).items():
+    for name, value in trainable_state(encoder).items():
         torch.testing.assert_close(value, live[name])
 
 
 def test_applied_restores_the_live_weights_when_the_block_raises(encoder):
     average = WeightAverage(encoder, decay=0.9)
     _shift(encoder, 0.5)
-    live = _trainable(encoder)
+    live = trainable_state(encoder)
     with pytest.raises(RuntimeError, match="validation failed"), average.applied(encoder):
         raise RuntimeError("validation failed")
-    for name, value in _trainable(encoder).items():
+    for name, value in trainable_state(encoder).items():
         torch.testing.assert_close(value, live[name])
 
 
@@ -87,3 +84,14 @@ def test_state_round_trips_and_refuses_another_freeze(encoder, tiny_config):
 def test_decay_outside_the_open_unit_interval_is_refused(encoder, decay):
     with pytest.raises(ValueError, match="decay"):
         WeightAverage(encoder, decay=decay)
+
+
+def test_a_checkpoint_ships_its_average_when_it_has_one(encoder):
+    average = WeightAverage(encoder, decay=0.9)
+    _shift(encoder, 0.5)
+    live = trainable_state(encoder)
+    assert shipped_weights({"trainable": live}) is live
+    with_average = {"trainable": live, "averaged": average.state_dict()}
+    for name, value in shipped_weights(with_average).items():
+        torch.testing.assert_close(value, average.weights[name])
+        assert not torch.equal(value, live[name])

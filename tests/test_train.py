@@ -175,6 +175,18 @@ def test_parameter_counts_split_the_image_path_into_trainable_and_frozen(tiny_co
     assert 0 < parameter_counts(encoder)[0] < trainable
 
 
+class _DirCheckpoint:
+    """What `ray.train.get_checkpoint()` hands back, minus the storage layer: a local checkpoint folder."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def as_directory(self):
+        import contextlib
+
+        return contextlib.nullcontext(str(self.path))
+
+
 def test_restore_continues_the_schedule_where_the_checkpoint_left_it(tiny_config, tmp_path):
     from ootd.model.encoder import weights_fingerprint
 
@@ -194,15 +206,8 @@ def test_restore_continues_the_schedule_where_the_checkpoint_left_it(tiny_config
         "compat": compat(settings),
     }
     torch.save(state, tmp_path / STATE_FILE)
-
-    class Checkpoint:  # what `ray.train.get_checkpoint()` hands back, minus the storage layer
-        def as_directory(self):
-            import contextlib
-
-            return contextlib.nullcontext(str(tmp_path))
-
     worker = setup(settings, rank=0, world=1, device=torch.device("cpu"))
-    progress = restore(Checkpoint(), worker)
+    progress = restore(_DirCheckpoint(tmp_path), worker)
     assert (progress.start_epoch, progress.step, progress.total_steps) == (2, 7, 7 * 3)
     assert progress.history == state["history"]
     assert [g["base_lr"] for g in worker.optimizer.param_groups] == [g["base_lr"] for g in fresh.optimizer.param_groups]
@@ -212,7 +217,7 @@ def test_restore_continues_the_schedule_where_the_checkpoint_left_it(tiny_config
         del group["base_lr"]
     torch.save(state, tmp_path / STATE_FILE)
     worker = setup(settings, rank=0, world=1, device=torch.device("cpu"))
-    progress = restore(Checkpoint(), worker)
+    progress = restore(_DirCheckpoint(tmp_path), worker)
     assert progress.step == 7
     assert [g["base_lr"] for g in worker.optimizer.param_groups] == [g["base_lr"] for g in fresh.optimizer.param_groups]
 
@@ -234,18 +239,12 @@ def test_restore_brings_back_the_weight_average_on_rank_0_only(tiny_config, tmp_
              "step": 4, "history": [{"epoch": 1, "steps": 4}], "compat": compat(settings),
              "averaged": average.state_dict()}
     torch.save(state, tmp_path / STATE_FILE)
-
-    class Checkpoint:
-        def as_directory(self):
-            import contextlib
-
-            return contextlib.nullcontext(str(tmp_path))
-
-    progress = restore(Checkpoint(), setup(settings, rank=0, world=1, device=torch.device("cpu")))
+    progress = restore(_DirCheckpoint(tmp_path), setup(settings, rank=0, world=1, device=torch.device("cpu")))
     assert progress.average.updates == 1
     for name, value in progress.average.weights.items():
         torch.testing.assert_close(value, average.weights[name])
-    assert restore(Checkpoint(), setup(settings, rank=1, world=2, device=torch.device("cpu"))).average is None
+    rank_1 = setup(settings, rank=1, world=2, device=torch.device("cpu"))
+    assert restore(_DirCheckpoint(tmp_path), rank_1).average is None
     off = _settings(with_overrides(cfg, ["train.ema_decay=0"]), fingerprint=settings.fingerprint)
     assert restore(None, setup(off, rank=0, world=1, device=torch.device("cpu"))).average is None
 

@@ -45,19 +45,14 @@ class WeightAverage:
     @contextmanager
     def applied(self, encoder: StyleEncoder) -> Iterator[None]:
         """Within the block the encoder holds the averaged weights; its own come back afterwards."""
-        import torch
+        from ootd.train.checkpoint import load_trainable, trainable_state
 
-        live = {name: p.detach().clone() for name, p in _trainable(encoder)}
-        params = dict(encoder.named_parameters())
-        with torch.no_grad():
-            for name, value in self.weights.items():
-                params[name].copy_(value)
+        live = trainable_state(encoder)
+        load_trainable(encoder, self.weights)
         try:
             yield
         finally:
-            with torch.no_grad():
-                for name, value in live.items():
-                    params[name].copy_(value)
+            load_trainable(encoder, live)
 
     def state_dict(self) -> dict[str, Any]:
         return {"decay": self.decay, "updates": self.updates,

@@ -34,6 +34,12 @@ def trainable_state(encoder: StyleEncoder) -> dict[str, torch.Tensor]:
     return {name: p.detach().cpu().clone() for name, p in encoder.named_parameters() if p.requires_grad}
 
 
+def shipped_weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The trainable weights a checkpoint exports: the weight average its validation scored (train.ema_decay),
+    else the live weights."""
+    return state["averaged"]["weights"] if "averaged" in state else state["trainable"]
+
+
 def load_trainable(encoder: StyleEncoder, state: dict[str, torch.Tensor]) -> None:
     """Loads `trainable_state` output back into an encoder frozen the same way.
 

@@ -239,7 +239,7 @@ def export_best(result: Result, config: Config, workdir: str | Path) -> tuple[Pa
     import torch
 
     from ootd.model.encoder import build_encoder, new_model_version, weights_fingerprint
-    from ootd.train.checkpoint import load_trainable
+    from ootd.train.checkpoint import load_trainable, shipped_weights
 
     ranked = [(ckpt, metrics) for ckpt, metrics in (result.best_checkpoints or []) if SCORE in metrics]
     if not ranked:
@@ -251,8 +251,7 @@ def export_best(result: Result, config: Config, workdir: str | Path) -> tuple[Pa
     if weights_fingerprint(encoder) != state["fingerprint"]:
         raise RuntimeError(f"backbone {config.model.backbone!r} does not rebuild to the weights the run trained on")
     encoder.freeze(config.model.unlocked_blocks)
-    # With train.ema_decay the checkpoint carries the weight average its validation scored: that is what ships.
-    load_trainable(encoder, state["averaged"]["weights"] if "averaged" in state else state["trainable"])
+    load_trainable(encoder, shipped_weights(state))
     version = new_model_version()
     metrics = {key: value for key, value in metrics.items() if not key.startswith("_")}
     model_dir = encoder.export(
