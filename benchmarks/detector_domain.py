@@ -13,7 +13,8 @@ Reported per set: fallback rate (no garment found → the whole photo), median a
 box against the ground-truth union box (a fallback scores 0), share of photos with IoU ≥ 0.8.
 
 Run: .venv/bin/python benchmarks/detector_domain.py [--new /tmp/det2/best.pt] [--old /tmp/det1/best.pt]
-     [--per-style 8] [--imgsz 224 256] [--standard-val /tmp/det_data/yolo/data.yaml]   (a few minutes on 2 cores)
+     [--per-style 8] [--imgsz 224 256] [--flip-average both] [--seed-offset 0]
+     [--standard-val /tmp/det_data/yolo/data.yaml]   (a few minutes on 2 cores)
 Writes benchmarks/results/detector_domain.md.
 """
 
@@ -34,14 +35,16 @@ SEEDS = {"standard": 101, "training domain": 102, "held-out": 103}
 RULES = {"default: conf 0.1, relative 0.3": (None, None), "conf 0.25 only (before)": (0.25, 0.0)}
 
 
-def write_sets(root: Path, per_style: int, size: int) -> dict[str, Path]:
-    """The three fresh photo sets, every photo in the `train` split of its own YOLO folder."""
+def write_sets(root: Path, per_style: int, size: int, seed_offset: int = 0) -> dict[str, Path]:
+    """The three fresh photo sets, every photo in the `train` split of its own YOLO folder; `seed_offset` draws
+    another sample of each (a confirmation set for a choice made on the first)."""
     from ootd.synthetic import HELD_OUT, TRAINING, write_sample_data
 
     modes = {"standard": None, "training domain": TRAINING, "held-out": HELD_OUT}
     return {
-        name: Path(write_sample_data(root / name.replace(" ", "_"), per_style=per_style, seed=SEEDS[name],
-                                     size=size, val_fraction=0.0, randomisation=mode)["data_yaml"])
+        name: Path(write_sample_data(root / name.replace(" ", "_"), per_style=per_style,
+                                     seed=SEEDS[name] + seed_offset, size=size, val_fraction=0.0,
+                                     randomisation=mode)["data_yaml"])
         for name, mode in modes.items()
     }
 
@@ -59,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="detector inference sizes to measure (default: --size)")
     parser.add_argument("--rules", nargs="+", choices=list(RULES), default=list(RULES),
                         help="garment-keeping rules to measure (default: all)")
+    parser.add_argument("--flip-average", choices=["off", "on", "both"], default="both",
+                        help="test-time flip averaging (detect.flip_average) to measure (default: both)")
+    parser.add_argument("--seed-offset", type=int, default=0,
+                        help="added to every set's seed: a fresh sample of the same distributions")
     parser.add_argument("--standard-val", default=None, help="data.yaml whose val split both detectors validated on")
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/detector_domain.md"))
     args = parser.parse_args(argv)
@@ -73,33 +80,39 @@ def main(argv: list[str] | None = None) -> int:
         detectors[old_label] = args.old
     rows = []
     with tempfile.TemporaryDirectory(prefix="ootd-detector-domain-") as tmp:
-        sets = {name: (yaml, "train") for name, yaml in write_sets(Path(tmp), args.per_style, args.size).items()}
+        written = write_sets(Path(tmp), args.per_style, args.size, args.seed_offset)
+        sets = {name: (yaml, "train") for name, yaml in written.items()}
+        flips = {"off": [False], "on": [True], "both": [False, True]}[args.flip_average]
         if args.standard_val:
             sets = {"standard val (seed 11)": (Path(args.standard_val), "val"), **sets}
         for set_name, (data_yaml, split) in sets.items():
             for label, weights in detectors.items():
                 for imgsz in args.imgsz or [args.size]:
                     for rule in args.rules:
-                        conf, relative = RULES[rule]
-                        m = evaluate_outfit_boxes(weights, data_yaml, split=split, imgsz=imgsz, conf=conf,
-                                                  relative_conf=relative)
-                        rows.append((set_name, label, imgsz, rule, m))
-                        print(set_name, label, imgsz, rule, {k: round(v, 3) if isinstance(v, float) else v
-                                                             for k, v in m.items()}, flush=True)
+                        for flip in flips:
+                            conf, relative = RULES[rule]
+                            m = evaluate_outfit_boxes(weights, data_yaml, split=split, imgsz=imgsz, conf=conf,
+                                                      relative_conf=relative, flip_average=flip)
+                            rows.append((set_name, label, imgsz, rule, flip, m))
+                            print(set_name, label, imgsz, rule, f"flip {flip}",
+                                  {k: round(v, 3) if isinstance(v, float) else v for k, v in m.items()}, flush=True)
 
     lines = [
         "# Detector domain generalisation (`benchmarks/detector_domain.py`)",
         "",
         f"Photos per set: {args.per_style} per style x 13 styles at {args.size} px (standard val: its own size); "
-        f"seeds {SEEDS}. Real `Detector` path, no padding; fallback = no garment found (IoU 0). Rules: a garment "
-        "is kept when its confidence is ≥ conf and ≥ relative × the photo's best garment's.",
+        f"seeds {({k: v + args.seed_offset for k, v in SEEDS.items()})}. Real `Detector` path, no padding; "
+        "fallback = no garment found (IoU 0). Rules: a garment is kept when its confidence is ≥ conf and ≥ "
+        "relative × the photo's best garment's. Flip: `detect.flip_average` (the box is the mean of the photo's "
+        "and its mirror's).",
         "",
-        "| set | detector | imgsz | rule | n | fallback | median IoU | mean IoU | IoU ≥ 0.8 |",
-        "|---|---|---:|---|---:|---:|---:|---:|---:|",
+        "| set | detector | imgsz | rule | flip | n | fallback | median IoU | mean IoU | IoU ≥ 0.8 |",
+        "|---|---|---:|---|---|---:|---:|---:|---:|---:|",
     ]
-    for set_name, label, imgsz, rule, m in rows:
+    for set_name, label, imgsz, rule, flip, m in rows:
         n = m["n_val_images"]
-        lines.append(f"| {set_name} | {label} | {imgsz} | {rule} | {n} | {m['n_fallback'] / n:.1%} | "
+        lines.append(f"| {set_name} | {label} | {imgsz} | {rule} | {'on' if flip else 'off'} | {n} | "
+                     f"{m['n_fallback'] / n:.1%} | "
                      f"{m['outfit_iou_median']:.3f} | "
                      f"{m['outfit_iou_mean']:.3f} | {m['outfit_iou_ge_0_8']:.1%} |")
     lines += ["", f"Detectors: {detectors}. Held-out ranges: `ootd.synthetic_domain.HELD_OUT`, "

@@ -241,6 +241,9 @@ def pretrain_backbone(
     render_size: Annotated[int, typer.Option(min=64, help="Side of each rendered photo, before the outfit "
                                                           "crop (the demo's photos are 256 px).")] = 256,
     image_size: Annotated[int, typer.Option(min=16, help="Trunk input side in px (a multiple of 16).")] = 128,
+    final_image_size: Annotated[int | None, typer.Option(min=16, help="Input side of the last --final-epochs "
+                                                         "epochs (a progressive resize in one run).")] = None,
+    final_epochs: Annotated[int, typer.Option(min=0, help="Epochs (of --epochs) at --final-image-size.")] = 0,
     init: Annotated[Path | None, typer.Option(help="Trunk weights to continue from (a first stage's "
                                                    "tiny-backbone.safetensors); default: random init.")] = None,
     lr: Annotated[float, typer.Option(min=0.0, help="Peak AdamW learning rate.")] = 1.5e-3,
@@ -262,7 +265,8 @@ def pretrain_backbone(
 
     settings = PretrainSettings(
         n_train=n_train, n_eval=n_eval, epochs=epochs, batch_size=batch_size, lr=lr, render_size=render_size,
-        image_size=image_size, init=str(init.expanduser().resolve()) if init else None, seed=seed,
+        image_size=image_size, final_image_size=final_image_size, final_epochs=final_epochs,
+        init=str(init.expanduser().resolve()) if init else None, seed=seed,
         num_workers=num_workers, cpus_per_worker=cpus_per_worker, bf16=bf16,
     )  # fmt: skip
     _warn_if_relative(out=out)

@@ -84,6 +84,10 @@ class DetectConfig:
     relative_conf: float = _bounded(0.3, lo=0.0, hi=1.0)
     iou: float = _bounded(0.7, lo=0.0, hi=1.0)
     imgsz: int = _bounded(320, lo=32)
+    # Test-time flip averaging: the outfit box is the mean of the boxes found in the photo and in its left-right
+    # mirror, for twice the detector's compute. Off the training renderer the detector's edges err on one side
+    # or the other, and the mirror's errors partly cancel them (benchmarks/results/detector_domain.md).
+    flip_average: bool = False
     # Outfit box padding as a fraction of its size on each side.
     pad: float = _bounded(0.05, lo=0.0, hi=1.0)
     # Boxes smaller than this (px, either side) are noise, not garments.

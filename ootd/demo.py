@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -60,15 +61,27 @@ def weights_digests(config: Config) -> dict[str, str]:
 
 
 class StageLog:
-    """Records finished stages in <workdir>/demo_state.json so a second run reuses them."""
+    """Records finished stages in <workdir>/demo_state.json so a second run reuses them.
 
-    def __init__(self, workdir: Path, config: Config, inputs: str):
+    Args:
+        workdir: the demo's folder.
+        config: the run's config; with `inputs` and the weight files' digests it keys the record.
+        inputs: the photo source.
+        derived: folders under `workdir` that a stage resumes from: when the key changed they are removed, so
+            nothing made with the old settings survives into the new run.
+    """
+
+    def __init__(self, workdir: Path, config: Config, inputs: str, derived: Sequence[str] = ()):
         self.path = workdir / "demo_state.json"
         fingerprint = json.dumps({"config": config_to_dict(config), "inputs": inputs,
                                   "weights": weights_digests(config)}, sort_keys=True)
         self.key = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
         state = json.loads(self.path.read_text()) if self.path.exists() else {}
         self.done: dict[str, Any] = state.get("done", {}) if state.get("key") == self.key else {}
+        if state and state.get("key") != self.key:
+            _say("settings, inputs or weights changed since the last demo run here: its stages start afresh")
+            for name in derived:
+                shutil.rmtree(workdir / name, ignore_errors=True)
 
     def run(self, name: str, title: str, fn: Callable[[], Any]) -> Any:
         if name in self.done:
@@ -122,7 +135,8 @@ def run_demo(
     )
     save_config(config, workdir / "config.yaml")
     source = str(images.resolve()) if images else str(workdir / "sample" / "images")
-    stages = StageLog(workdir, config, source)
+    # crops/ (ingest skips photos already there) and ray_results/ (training resumes its run by name)
+    stages = StageLog(workdir, config, source, derived=("crops", "errors", "ray_results"))
 
     if images is None:
         from ootd.synthetic import write_sample_data

@@ -11,6 +11,7 @@ from ootd.detect.boxes import (
     clamp_box,
     crop_image,
     keep_boxes,
+    mirror_box,
     outfit_box,
     pad_box,
     pad_to_square,
@@ -135,6 +136,27 @@ def test_keep_boxes_rejects_mismatched_lengths():
 )
 def test_outfit_box(kwargs, expected):
     assert outfit_box(BOXES, SCORES, CLASSES, width=100, height=125, **kwargs) == expected
+
+
+def test_mirror_box_is_its_own_inverse():
+    assert mirror_box((10, 5, 30, 40), 100) == (70, 5, 90, 40)
+    assert mirror_box(mirror_box((10.5, 5, 30.25, 40), 100), 100) == (10.5, 5, 30.25, 40)
+
+
+def test_flip_averaged_outfit_box_is_the_mean_of_both_views_unions():
+    # The mirror view found the right sleeve the upright view missed: in mirror pixels (100 wide), (20, 10, 55, 120)
+    # is (45, 10, 80, 120) upright; union upright (10, 10, 60, 120), so the mean is (27.5, 10, 70, 120).
+    kept = {"class_ids": (0, 1, 2), "min_score": 0.5, "min_size": 4}
+    mirrored = ([(20, 10, 55, 120)], [0.8], [1])
+    assert outfit_box(BOXES, SCORES, CLASSES, width=100, height=125, mirrored=mirrored, **kept) == OutfitBox(
+        (27, 10, 70, 120), 0.9, 2, False)  # outward rounding of the origin
+    # A view that keeps nothing is left out of the mean; both empty: the whole image, flagged.
+    none = ([], [], [])
+    assert outfit_box(BOXES, SCORES, CLASSES, width=100, height=125, mirrored=none, **kept) == outfit_box(
+        BOXES, SCORES, CLASSES, width=100, height=125, **kept)
+    assert outfit_box([], [], [], width=100, height=125, mirrored=mirrored, **kept) == OutfitBox(
+        (45, 10, 80, 120), 0.8, 1, False)
+    assert outfit_box([], [], [], width=100, height=125, mirrored=none, **kept).fallback
 
 
 def test_outfit_box_of_no_detections_is_whole_image():

@@ -45,3 +45,14 @@ def test_finished_stages_are_reused_until_the_config_input_or_weights_change(tin
     detector.write_bytes(b"round 2")
     StageLog(tmp_path, named, "photos").run("ingest", "ingest", stage("ingest"))
     assert calls == ["ingest"] * 5
+
+
+def test_changed_settings_clear_the_outputs_a_stage_would_resume_from(tiny_config, tmp_path):
+    # ingest skips photos already in crops/: crops cut by the old detector settings must not survive a change
+    StageLog(tmp_path, tiny_config, "photos", derived=("crops",)).run("ingest", "ingest", lambda: {})
+    (tmp_path / "crops").mkdir()
+    (tmp_path / "crops" / "part-0.parquet").write_bytes(b"old crops")
+    StageLog(tmp_path, tiny_config, "photos", derived=("crops",))
+    assert (tmp_path / "crops" / "part-0.parquet").exists()  # same settings: kept for the stages to reuse
+    StageLog(tmp_path, with_overrides(tiny_config, ["detect.flip_average=true"]), "photos", derived=("crops",))
+    assert not (tmp_path / "crops").exists()

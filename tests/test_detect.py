@@ -51,6 +51,24 @@ def test_committed_detector_finds_the_outfit(detector, photos):
             assert found.score >= detector.cfg.conf
 
 
+def test_flip_averaging_means_the_photos_and_its_mirrors_box_and_is_mirror_symmetric(detect_cfg, detector, photos):
+    flipping = Detector(dataclasses.replace(detect_cfg, pad=0.0, flip_average=True))
+    images = [np.asarray(p.image) for p in photos[:6]]
+    mirrors = [np.ascontiguousarray(image[:, ::-1]) for image in images]
+    averaged, averaged_mirrors = flipping.outfit_boxes(images), flipping.outfit_boxes(mirrors)
+    upright, mirrored = detector.outfit_boxes(images), detector.outfit_boxes(mirrors)
+    for image, avg, avg_mirror, up, mir in zip(images, averaged, averaged_mirrors, upright, mirrored, strict=True):
+        width = image.shape[1]
+        assert not (avg.fallback or up.fallback or mir.fallback)
+        # the mean of the plain detector's two views (outward rounding: within a pixel)
+        back = (width - mir.box[2], mir.box[1], width - mir.box[0], mir.box[3])
+        expected = [(a + b) / 2 for a, b in zip(up.box, back, strict=True)]
+        assert np.allclose(avg.box, expected, atol=1.0), (avg.box, expected)
+        # a mirrored photo gets the mirrored box: which side the detector errs on no longer depends on the pose
+        assert np.allclose(avg_mirror.box, (width - avg.box[2], avg.box[1], width - avg.box[0], avg.box[3]),
+                           atol=1.0)  # fmt: skip
+
+
 def test_detections_have_the_documented_types(detector, photos):
     (det,) = detector.detect([np.asarray(photos[0].image)])
     assert det.boxes.dtype == np.float32 and det.boxes.shape == (len(det), 4)

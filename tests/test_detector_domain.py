@@ -178,9 +178,9 @@ def test_add_randomised_photos_extends_the_train_split_only(tmp_path):
 
 # The committed detector on held-out photos it never trained on, under the default garment-keeping rule (conf 0.1
 # and 0.3 x the photo's best garment; benchmarks/detector_domain.py has the full table). Issue #14's targets are
-# fallback <= 10 % and median IoU >= 0.8: the fallback target is met (these 39 photos: none), the IoU one is not
-# (round 4 measured 0.783 here and 0.785 on the 104-photo set; round 3: 0.744 and 0.765; round 2: 0.735 and
-# 0.709), so the IoU bound is what the detector reaches, less a 0.1 margin.
+# fallback <= 10 % and median IoU >= 0.8. On these 39 photos round 4 measured 0.783 alone and 0.800 with flip
+# averaging (the 104-photo set: 0.785 and 0.803; 312 fresh photos: 0.800 and 0.812; round 3: 0.744 here), so the
+# IoU bound is what the detector reaches alone, less a 0.1 margin, and flip averaging must not lose to it.
 HELD_OUT_MAX_FALLBACK = 0.10
 HELD_OUT_MIN_MEDIAN_IOU = 0.68
 
@@ -193,7 +193,10 @@ def test_committed_detector_finds_outfits_on_held_out_photos(tmp_path):
     summary = write_sample_data(tmp_path / "held_out", per_style=3, seed=103, size=256, val_fraction=0.0,
                                 randomisation=HELD_OUT)
     assert summary["n_images"] == 39
-    m = evaluate_outfit_boxes(ASSETS_DIR / "yolo-synthetic-garments.pt", summary["data_yaml"], split="train")
-    assert m["n_val_images"] == 39
-    assert m["n_fallback"] / m["n_val_images"] <= HELD_OUT_MAX_FALLBACK
-    assert m["outfit_iou_median"] >= HELD_OUT_MIN_MEDIAN_IOU
+    alone, flipped = (evaluate_outfit_boxes(ASSETS_DIR / "yolo-synthetic-garments.pt", summary["data_yaml"],
+                                            split="train", flip_average=flip) for flip in (False, True))  # fmt: skip
+    for m in (alone, flipped):
+        assert m["n_val_images"] == 39
+        assert m["n_fallback"] / m["n_val_images"] <= HELD_OUT_MAX_FALLBACK
+        assert m["outfit_iou_median"] >= HELD_OUT_MIN_MEDIAN_IOU
+    assert flipped["outfit_iou_mean"] >= alone["outfit_iou_mean"]  # measured +0.020 here

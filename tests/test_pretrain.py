@@ -20,6 +20,7 @@ from ootd.train.pretrain import (
     attribute_sizes,
     lr_at,
     render_set,
+    shrink,
 )
 
 SMALL = PretrainSettings(n_train=8, n_eval=4, epochs=1, batch_size=4, render_size=128, num_workers=2,
@@ -119,11 +120,27 @@ def test_a_second_stage_continues_from_a_trunk_file_at_another_input_size(tmp_pa
     assert second.visual.trunk.pos_embed.shape == first.visual.trunk.pos_embed.shape
 
 
+def test_a_progressive_resize_runs_its_last_epochs_at_the_final_size_from_photos_rendered_once():
+    settings = dataclasses.replace(SMALL, epochs=5, image_size=128, final_image_size=192, final_epochs=2)
+    assert [settings.input_size(epoch) for epoch in range(5)] == [128, 128, 128, 192, 192]
+    assert settings.stored_size == 192 and SMALL.stored_size == 128
+    x, _ = render_set(TRAIN_STREAM, range(2), settings)
+    assert x.shape == (2, 3, 192, 192)  # kept at the largest size; the early epochs shrink each batch
+    pixels = CropPixels(192).normalise(x)
+    assert shrink(pixels, 128).shape == (2, 3, 128, 128) and shrink(pixels, 192) is pixels
+
+
 def test_pretrain_rejects_a_bad_input_size_or_a_missing_init_before_starting_ray(tmp_path):
     from ootd.train.pretrain import pretrain_backbone
 
     with pytest.raises(ValueError, match="multiple of .*16"):
         pretrain_backbone(dataclasses.replace(SMALL, image_size=100), tmp_path)
+    with pytest.raises(ValueError, match="final_image_size must be a multiple"):
+        pretrain_backbone(dataclasses.replace(SMALL, final_image_size=100, final_epochs=1), tmp_path)
+    for final_size, final_epochs in ((192, 0), (None, 1), (192, 2)):  # SMALL runs one epoch
+        with pytest.raises(ValueError, match="final_epochs must be in"):
+            pretrain_backbone(dataclasses.replace(SMALL, final_image_size=final_size, final_epochs=final_epochs),
+                              tmp_path)  # fmt: skip
     with pytest.raises(ValueError, match="init trunk weights not found"):
         pretrain_backbone(dataclasses.replace(SMALL, init=str(tmp_path / "gone")), tmp_path)
 
@@ -152,8 +169,11 @@ def test_committed_asset_is_small_loads_and_records_its_metrics():
 def test_pretrain_runs_under_ray_train_ddp_and_writes_a_loadable_trunk(ray_session, tmp_path, monkeypatch):
     from ootd.train.pretrain import METRICS_FILE, WEIGHTS_FILE, native_bf16, pretrain_backbone
 
-    summary = pretrain_backbone(SMALL, tmp_path / "out")
-    assert summary["settings"]["num_workers"] == 2 and len(summary["history"]) == 1
+    # two epochs: the second at the final size, from the same photos
+    settings = dataclasses.replace(SMALL, epochs=2, final_image_size=160, final_epochs=1)
+    summary = pretrain_backbone(settings, tmp_path / "out")
+    assert summary["settings"]["num_workers"] == 2
+    assert [epoch["image_size"] for epoch in summary["history"]] == [128, 160]
     # bf16 left at its default resolves per CPU: emulated bf16 is ~12x slower than fp32 (PretrainSettings.bf16)
     assert summary["settings"]["bf16"] == native_bf16()
     assert set(summary["eval_accuracy"]) == set(attribute_sizes())

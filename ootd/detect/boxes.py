@@ -131,6 +131,12 @@ def keep_boxes(
     return [i for i in garments if float(scores[i]) >= floor]
 
 
+def mirror_box(box: Box, width: int) -> Box:
+    """The box in the left-right mirror image of a photo `width` pixels wide (and back: it is its own inverse)."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    return (width - x2, y1, width - x1, y2)
+
+
 def outfit_box(
     boxes: Sequence[Box],
     scores: Sequence[float],
@@ -143,6 +149,7 @@ def outfit_box(
     min_size: float = 0,
     relative_score: float = 0.0,
     pad: float = 0.0,
+    mirrored: tuple[Sequence[Box], Sequence[float], Sequence[int]] | None = None,
 ) -> OutfitBox:
     """The outfit region: union of the kept garment boxes, padded and clamped; the whole image if none is kept.
 
@@ -157,17 +164,28 @@ def outfit_box(
         min_size: minimum width and height (px) of a kept box.
         relative_score: minimum confidence of a kept box as a fraction of the best garment's in the photo.
         pad: padding as a fraction of the union's size on each side.
+        mirrored: (boxes, scores, classes) detected in the left-right mirror of the photo, in the mirror's own
+            pixels. The outfit is then the mean of the two views' unions (test-time flip averaging): an edge
+            one view misses, the other often finds. A view that keeps no garment is left out of the mean.
     """
-    kept = keep_boxes(boxes, scores, classes, class_ids=class_ids, min_score=min_score, min_size=min_size,
-                      relative_score=relative_score)
-    if not kept:
+    views = [(boxes, scores, classes)]
+    if mirrored is not None:
+        views.append(([mirror_box(b, width) for b in mirrored[0]], mirrored[1], mirrored[2]))
+    found = []  # (union, best score, garments kept) per view that kept any
+    for view_boxes, view_scores, view_classes in views:
+        kept = keep_boxes(view_boxes, view_scores, view_classes, class_ids=class_ids, min_score=min_score,
+                          min_size=min_size, relative_score=relative_score)  # fmt: skip
+        if kept:
+            union = union_box([view_boxes[i] for i in kept])
+            assert union is not None  # kept is non-empty
+            found.append((union, max(float(view_scores[i]) for i in kept), len(kept)))
+    if not found:
         return OutfitBox(box=clamp_box((0, 0, width, height), width, height), score=0.0, n_garments=0, fallback=True)
-    union = union_box([boxes[i] for i in kept])
-    assert union is not None  # kept is non-empty
+    mean = tuple(sum(union[k] for union, _, _ in found) / len(found) for k in range(4))
     return OutfitBox(
-        box=clamp_box(pad_box(union, pad), width, height),
-        score=max(float(scores[i]) for i in kept),
-        n_garments=len(kept),
+        box=clamp_box(pad_box(mean, pad), width, height),  # type: ignore[arg-type]
+        score=max(score for _, score, _ in found),
+        n_garments=max(n for _, _, n in found),
         fallback=False,
     )
 

@@ -263,6 +263,7 @@ def evaluate_outfit_boxes(
     device: str = "cpu",
     conf: float | None = None,
     relative_conf: float | None = None,
+    flip_average: bool = False,
     batch: int = 16,
 ) -> dict[str, Any]:
     """IoU of predicted outfit boxes (union of all predicted garments, no padding) against the labels' union.
@@ -277,6 +278,7 @@ def evaluate_outfit_boxes(
         device: inference device.
         conf: detection confidence threshold (None: `DetectConfig`'s default, what ingest and serving keep).
         relative_conf: threshold relative to the photo's best garment (None: `DetectConfig`'s default).
+        flip_average: average each outfit box with the one found in the mirrored photo (`DetectConfig`).
         batch: images per detector call.
 
     Returns:
@@ -293,7 +295,7 @@ def evaluate_outfit_boxes(
     names, images = split_images(data_yaml, split)
     thresholds = {k: v for k, v in (("conf", conf), ("relative_conf", relative_conf)) if v is not None}
     cfg = DetectConfig(weights=str(weights), class_ids=tuple(range(len(names))), imgsz=imgsz, pad=0.0,
-                       min_box_size=0, batch_size=batch, device=device, **thresholds)
+                       min_box_size=0, batch_size=batch, device=device, flip_average=flip_average, **thresholds)
     detector = Detector(cfg)
     labelled = []
     for path in images:

@@ -338,7 +338,8 @@ class Detector:
         return out
 
     def outfit_boxes(self, images: Sequence[Any]) -> list[OutfitBox]:
-        """The outfit box of each image: union of its kept garment boxes, padded and clamped.
+        """The outfit box of each image: union of its kept garment boxes, padded and clamped (with
+        `cfg.flip_average`, the mean of that union and the one found in the image's mirror).
 
         Kept means class in `cfg.class_ids`, confidence >= `cfg.conf` and >= `cfg.relative_conf` times the
         image's best kept garment, and both sides >= `cfg.min_box_size`;
@@ -348,13 +349,18 @@ class Detector:
             images: RGB uint8 arrays HxWx3 (HxW grayscale and HxWx4 are accepted too).
         """
         arrays = [to_bgr(image, i) for i, image in enumerate(images)]
-        return [
-            outfit_box_from(det, width=array.shape[1], height=array.shape[0], cfg=self.cfg)
-            for det, array in zip(self._detect_bgr(arrays), arrays, strict=True)
-        ]
+        if not self.cfg.flip_average:
+            found = self._detect_bgr(arrays)
+            return [outfit_box_from(det, width=a.shape[1], height=a.shape[0], cfg=self.cfg)
+                    for det, a in zip(found, arrays, strict=True)]  # fmt: skip
+        # Both views in one pass, so a batch of n photos is chunked as 2n images.
+        found = self._detect_bgr(arrays + [np.ascontiguousarray(a[:, ::-1]) for a in arrays])
+        return [outfit_box_from(det, width=a.shape[1], height=a.shape[0], cfg=self.cfg, mirrored=mirror)
+                for det, mirror, a in zip(found[:len(arrays)], found[len(arrays):], arrays, strict=True)]  # fmt: skip
 
 
-def outfit_box_from(det: Detections, *, width: int, height: int, cfg: DetectConfig) -> OutfitBox:
+def outfit_box_from(det: Detections, *, width: int, height: int, cfg: DetectConfig,
+                    mirrored: Detections | None = None) -> OutfitBox:  # fmt: skip
     """The outfit box for one image's detections under the filters of `cfg`.
 
     Args:
@@ -362,6 +368,7 @@ def outfit_box_from(det: Detections, *, width: int, height: int, cfg: DetectConf
         width: image width in pixels.
         height: image height in pixels.
         cfg: supplies class_ids, conf (minimum score), relative_conf, min_box_size and pad.
+        mirrored: detections of the image's left-right mirror (`detect.flip_average`), averaged with `det`'s.
     """
     return outfit_box(
         det.boxes.tolist(),
@@ -374,4 +381,6 @@ def outfit_box_from(det: Detections, *, width: int, height: int, cfg: DetectConf
         min_size=cfg.min_box_size,
         relative_score=cfg.relative_conf,
         pad=cfg.pad,
+        mirrored=None if mirrored is None else (mirrored.boxes.tolist(), mirrored.scores.tolist(),
+                                                mirrored.classes.tolist()),  # fmt: skip
     )

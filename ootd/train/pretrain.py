@@ -45,9 +45,14 @@ class PretrainSettings:
         weight_decay: AdamW decay on matrices (norms, biases and embeddings are not decayed).
         warmup_fraction: share of all steps spent warming up.
         render_size: side of the rendered photo before the outfit crop.
-        image_size: the trunk's input side (a multiple of the patch size, 16): the tiny trunk interpolates its
-            position embeddings from the 8 x 8 grid it stores to this size's grid at each forward, so the weights
-            file keeps its shape.
+        image_size: the trunk's input side (of the first epochs when `final_image_size` is set; a multiple of the
+            patch size, 16): the tiny trunk interpolates its position embeddings from the 8 x 8 grid it stores to
+            this size's grid at each forward, so the weights file keeps its shape.
+        final_image_size: the input side of the last `final_epochs` epochs (None: `image_size` throughout). A
+            progressive resize in one run: the early epochs learn at the cheap size, the last ones adapt the trunk
+            to the size fine-tuning runs it at. Photos are kept at this size and the early epochs shrink each
+            batch (bilinear, antialiased), so they are rendered once.
+        final_epochs: how many of `epochs` run at `final_image_size`.
         init: a trunk weights file (`tiny-backbone.safetensors`) to start from instead of the seeded random init:
             a second stage at another `image_size` continues the first.
         max_pad: the crop box grows by up to this fraction per side, as a detector's padded, imperfect box does.
@@ -68,12 +73,24 @@ class PretrainSettings:
     warmup_fraction: float = 0.05
     render_size: int = 256
     image_size: int = 128
+    final_image_size: int | None = None
+    final_epochs: int = 0
     init: str | None = None
     max_pad: float = 0.12
     seed: int = 0
     num_workers: int = 2
     cpus_per_worker: float = 1.0
     bf16: bool | None = None
+
+    @property
+    def stored_size(self) -> int:
+        """The side photos are rendered and kept at: the largest input side of the run."""
+        return max(self.image_size, self.final_image_size or 0)
+
+    def input_size(self, epoch: int) -> int:
+        """The trunk's input side in epoch `epoch` (0-based)."""
+        final = self.final_image_size is not None and epoch >= self.epochs - self.final_epochs
+        return self.final_image_size if final else self.image_size
 
 
 def native_bf16() -> bool:
@@ -161,12 +178,13 @@ class CropPixels:
 def render_set(
     stream: int, indices: range | list[int], settings: PretrainSettings
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Renders photos `indices` of a stream: (pixels (N, 3, S, S) uint8, labels (N, attributes) int64)."""
-    crop_pixels = CropPixels(settings.image_size)
+    """Renders photos `indices` of a stream: (pixels (N, 3, S, S) uint8 at `settings.stored_size`, labels
+    (N, attributes) int64)."""
+    size = settings.stored_size
+    crop_pixels = CropPixels(size)
     indices = list(indices)
     if not indices:
         raise ValueError(f"no photos to render in stream {stream} (n_train/n_eval too small for the workers)")
-    size = settings.image_size
     # Filled in place: stacking a list would hold every photo twice at the peak.
     pixels = torch.empty((len(indices), 3, size, size), dtype=torch.uint8)
     labels = np.empty((len(indices), len(attribute_sizes())), dtype=np.int64)
@@ -230,15 +248,26 @@ def lr_at(step: int, total: int, settings: PretrainSettings) -> float:
     return settings.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def shrink(pixels: torch.Tensor, size: int) -> torch.Tensor:
+    """A normalised batch resized to `size` (bilinear, antialiased); unchanged when it already has that size."""
+    import torch.nn.functional as F
+
+    if pixels.shape[-1] == size:
+        return pixels
+    return F.interpolate(pixels, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
 def evaluate_attributes(model: torch.nn.Module, pixels: torch.Tensor, labels: torch.Tensor, bf16: bool,
-                        normalise: Callable[[torch.Tensor], torch.Tensor], batch: int = 256) -> np.ndarray:  # fmt: skip
-    """Correct predictions per attribute (int counts, `attribute_sizes()` order) on the given uint8 photos."""
+                        normalise: Callable[[torch.Tensor], torch.Tensor], batch: int = 256,
+                        size: int | None = None) -> np.ndarray:  # fmt: skip
+    """Correct predictions per attribute (int counts, `attribute_sizes()` order) on the given uint8 photos, fed at
+    input side `size` (default: as stored)."""
     correct = np.zeros(labels.shape[1], dtype=np.int64)
     was_training = model.training
     model.eval()
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         for start in range(0, len(pixels), batch):
-            logits = model(normalise(pixels[start:start + batch]))
+            logits = model(shrink(normalise(pixels[start:start + batch]), size or pixels.shape[-1]))
             for i, out in enumerate(logits.values()):
                 correct[i] += int((out.argmax(dim=1) == labels[start:start + batch, i]).sum())
     model.train(was_training)
@@ -262,7 +291,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_x, train_y = render_set(TRAIN_STREAM, range(rank, settings.n_train, world), settings)
     eval_x, eval_y = render_set(EVAL_STREAM, range(rank, settings.n_eval, world), settings)
     render_s = time.perf_counter() - started
-    crop_pixels = CropPixels(settings.image_size)
+    crop_pixels = CropPixels(settings.stored_size)
     bf16 = native_bf16() if settings.bf16 is None else settings.bf16
     if rank == 0:
         log.info("pretrain: bf16 autocast %s", "on" if bf16 else "off (fp32)")
@@ -277,12 +306,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     gen = torch.Generator().manual_seed(settings.seed * 1000 + rank)
     step, history = 0, []
     for epoch in range(settings.epochs):
-        epoch_start, losses = time.perf_counter(), []
+        epoch_start, losses, size = time.perf_counter(), [], settings.input_size(epoch)
         order = torch.randperm(len(train_x), generator=gen)
         model.train()
         for i in range(steps_per_epoch):
             idx = order[(i * local_batch) % len(order):][:local_batch]
-            x, y = crop_pixels.normalise(train_x[idx]), train_y[idx]
+            x, y = shrink(crop_pixels.normalise(train_x[idx]), size), train_y[idx]
             flip = torch.rand(len(x), generator=gen) < 0.5  # attributes are left-right symmetric
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
             for group in optimizer.param_groups:
@@ -295,21 +324,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             optimizer.step()
             losses.append(loss.detach().item())
             step += 1
-        correct = evaluate_attributes(net, eval_x, eval_y, bf16, crop_pixels.normalise)
+        correct = evaluate_attributes(net, eval_x, eval_y, bf16, crop_pixels.normalise, size=size)
         cpu = resource.getrusage(resource.RUSAGE_SELF)
         counts = np.array([*correct, cpu.ru_utime + cpu.ru_stime, len(eval_x), sum(losses), len(losses)])
         counts = _all_reduce_sum(counts.astype(np.float64), world)
         n_eval = counts[-3]
         accuracy = {name: float(c / n_eval) for name, c in zip(attribute_sizes(), counts[:-4], strict=True)}
         metrics = {
-            "epoch": epoch + 1, "steps": step, "train_loss": float(counts[-2] / counts[-1]),
+            "epoch": epoch + 1, "image_size": size, "steps": step, "train_loss": float(counts[-2] / counts[-1]),
             "eval_accuracy": accuracy, "eval_mean_accuracy": float(np.mean(list(accuracy.values()))),
             "epoch_seconds": time.perf_counter() - epoch_start, "render_seconds": render_s,
             # CPU time of all workers so far: what the run costs regardless of other load on the machine.
             "worker_cpu_seconds": float(counts[-4]),
             "bf16": bf16,  # what the default (None) resolved to on rank 0's CPU
         }  # fmt: skip
-        keys = ("epoch", "train_loss", "eval_mean_accuracy", "epoch_seconds", "worker_cpu_seconds")
+        keys = ("epoch", "image_size", "train_loss", "eval_mean_accuracy", "epoch_seconds", "worker_cpu_seconds")
         history.append({k: metrics[k] for k in keys})
         log.info("pretrain epoch %d: loss %.3f, mean attribute accuracy %.3f", epoch + 1, metrics["train_loss"],
                  metrics["eval_mean_accuracy"])  # fmt: skip
@@ -357,7 +386,8 @@ def pretrain_backbone(settings: PretrainSettings, out_dir: str | Path, *, storag
         The metrics written: final per-attribute held-out accuracy, history, wall time, settings, file sizes.
 
     Raises:
-        ValueError: `image_size` is not a multiple of the trunk's patch size or `init` is not a file.
+        ValueError: an input size is not a multiple of the trunk's patch size, the final-size schedule does not
+            fit `epochs`, or `init` is not a file.
         RuntimeError: when the run fails or reports no checkpoint.
     """
     import shutil
@@ -367,9 +397,16 @@ def pretrain_backbone(settings: PretrainSettings, out_dir: str | Path, *, storag
 
     from ootd.model.backbones import TINY_PATCH_SIZE
 
-    if settings.image_size % TINY_PATCH_SIZE:
-        raise ValueError(f"image_size must be a multiple of the tiny trunk's patch size {TINY_PATCH_SIZE}, "
-                         f"got {settings.image_size}")  # fmt: skip
+    for name in ("image_size", "final_image_size"):
+        size = getattr(settings, name)
+        if size is not None and size % TINY_PATCH_SIZE:
+            raise ValueError(f"{name} must be a multiple of the tiny trunk's patch size {TINY_PATCH_SIZE}, "
+                             f"got {size}")  # fmt: skip
+    if not 0 <= settings.final_epochs <= settings.epochs or (settings.final_epochs > 0) != (
+            settings.final_image_size is not None):  # fmt: skip
+        raise ValueError(f"final_epochs must be in 1..epochs ({settings.epochs}) with a final_image_size, and 0 "
+                         f"without one; got final_epochs={settings.final_epochs}, "
+                         f"final_image_size={settings.final_image_size}")  # fmt: skip
     if settings.init is not None and not Path(settings.init).is_file():
         raise ValueError(f"init trunk weights not found: {settings.init}")
     out = Path(out_dir).expanduser().resolve()
