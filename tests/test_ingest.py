@@ -264,6 +264,25 @@ def test_second_run_adds_nothing(bad_run):
     assert len(read_table(bad_run["out"], "crops")) == 23 == second["crops_total"]
 
 
+def test_resuming_with_other_crop_settings_is_refused(tiny_config, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ootd.config import save_config, with_overrides
+    from ootd.ingest.pipeline import check_crop_settings
+
+    check_crop_settings(tmp_path, tiny_config)  # a new folder
+    save_config(tiny_config, tmp_path / "config.yaml")
+    check_crop_settings(tmp_path, with_overrides(tiny_config, ["detect.conf=0.2"]))  # no crops yet: nothing to mix
+    (tmp_path / "crops").mkdir()
+    pq.write_table(pa.table({"source": ["a.jpg"], "image_id": ["a"]}), tmp_path / "crops" / "part-0.parquet")
+    check_crop_settings(tmp_path, with_overrides(tiny_config, ["train.epochs=3", "detect.batch_size=2"]))
+    with pytest.raises(ValueError, match=r"detect\.conf 0\.1 -> 0\.2; detect\.flip_average False -> True.*new output"):
+        check_crop_settings(tmp_path, with_overrides(tiny_config, ["detect.conf=0.2", "detect.flip_average=true"]))
+    with pytest.raises(ValueError, match="data.crop_max_side"):
+        check_crop_settings(tmp_path, with_overrides(tiny_config, ["data.crop_max_side=128"]))
+
+
 @pytest.mark.slow
 def test_resume_after_a_partial_run(ray_session, synthetic_set, tiny_config, tmp_path):
     source = synthetic_set / "images" / "Sporty"

@@ -115,6 +115,41 @@ def read_done(out_dir: str | Path) -> tuple[set[str], set[str]]:
     return done.sources, done.ids
 
 
+# The settings that decide what a crop is: a resumed ingest must not mix crops cut two ways.
+_CROP_SETTINGS = {
+    "detect": ("weights", "class_ids", "conf", "relative_conf", "iou", "imgsz", "pad", "min_box_size",
+               "flip_average"),
+    "data": ("crop_max_side",),
+}  # fmt: skip
+
+
+def check_crop_settings(out_dir: str | Path, config: Config) -> None:
+    """Refuses to resume into an output folder whose crops were cut with other crop settings.
+
+    Ingest skips photos already in `crops/`, so a second run with, say, another `detect.conf` would silently keep
+    the first run's crops beside its own. The folder's `config.yaml` records the settings of the run that wrote it.
+
+    Raises:
+        ValueError: `out_dir` holds crops and its recorded crop settings differ from `config`'s.
+    """
+    from ootd.config import load_config
+
+    out = Path(out_dir)
+    recorded = out / CONFIG_FILE
+    if not recorded.is_file() or not read_state(out).ids:
+        return
+    before = load_config(recorded)
+    changed = []
+    for section, keys in _CROP_SETTINGS.items():
+        for key in keys:
+            old, new = getattr(getattr(before, section), key), getattr(getattr(config, section), key)
+            if old != new:
+                changed.append(f"{section}.{key} {old!r} -> {new!r}")
+    if changed:
+        raise ValueError(f"{out} holds crops cut with other settings ({'; '.join(changed)}); resuming would mix "
+                         f"the two: ingest into a new output folder, or remove {out / CROPS_DIR} to cut them again")
+
+
 def run_ingest(config: Config, source: str | Path, out_dir: str | Path, *, limit: int | None = None) -> dict:
     """Runs the ingest pipeline on the connected Ray cluster and writes the crops and errors tables.
 
@@ -134,7 +169,8 @@ def run_ingest(config: Config, source: str | Path, out_dir: str | Path, *, limit
 
     Raises:
         FileNotFoundError: when the source does not exist (nothing is written then).
-        ValueError: for an unusable source, limit or allowed network (nothing is written then).
+        ValueError: for an unusable source, limit or allowed network, or an `out_dir` holding crops cut with
+            other crop settings (`check_crop_settings`); nothing is written then.
     """
     import pyarrow as pa
 
@@ -149,6 +185,7 @@ def run_ingest(config: Config, source: str | Path, out_dir: str | Path, *, limit
         from ootd.ingest.download import Fetcher, FetchPolicy
 
         Fetcher(FetchPolicy.from_config(config.data)).close()  # a bad data.allowed_private_networks fails here
+    check_crop_settings(out, config)
     done = read_state(out)
     todo = [item for item in inputs if item.source not in done.sources]
     retried = {item.source for item in todo if item.source in done.transient}
