@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 
@@ -21,6 +22,7 @@ from ootd.train.pretrain import (
     lr_at,
     render_set,
     shrink,
+    use_explicit_attention,
 )
 
 SMALL = PretrainSettings(n_train=8, n_eval=4, epochs=1, batch_size=4, render_size=128, num_workers=2,
@@ -128,6 +130,20 @@ def test_a_progressive_resize_runs_its_last_epochs_at_the_final_size_from_photos
     assert x.shape == (2, 3, 192, 192)  # kept at the largest size; the early epochs shrink each batch
     pixels = CropPixels(192).normalise(x)
     assert shrink(pixels, 128).shape == (2, 3, 128, 128) and shrink(pixels, 192) is pixels
+
+
+def test_explicit_attention_computes_what_the_fused_kernel_does():
+    explicit = AttributeNet(seed=0)  # pretraining switches its tower to explicit attention
+    fused = copy.deepcopy(explicit)
+    layers = [m for m in fused.modules() if hasattr(m, "fused_attn")]
+    assert len(layers) == 5 and not any(layer.fused_attn for layer in layers)  # four blocks and the MAP pool
+    for layer in layers:
+        layer.fused_attn = True
+    assert use_explicit_attention(copy.deepcopy(fused)) == 5
+    pixels = torch.randn(2, 3, 128, 128)
+    fused_logits, explicit_logits = fused.eval()(pixels), explicit.eval()(pixels)
+    for name, logits in fused_logits.items():
+        torch.testing.assert_close(explicit_logits[name], logits, rtol=1e-4, atol=1e-5)
 
 
 def test_pretrain_rejects_a_bad_input_size_or_a_missing_init_before_starting_ray(tmp_path):

@@ -164,7 +164,10 @@ class CropPixels:
         steps = backbones.eval_transform(_tiny_preprocess(size)).transforms
         if type(steps[-2]).__name__ != "MaybeToTensor" or type(steps[-1]).__name__ != "Normalize":
             raise NotImplementedError(f"the tiny eval transform changed shape: {steps}")
-        self._resize, self._normalise = steps[:-2], steps[-1]
+        self._resize = steps[:-2]
+        mean, std = steps[-1].mean, steps[-1].std
+        self._mean = torch.as_tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self._std = torch.as_tensor(std, dtype=torch.float32).view(-1, 1, 1)
 
     def to_uint8(self, image: Any) -> torch.Tensor:
         for step in self._resize:
@@ -172,7 +175,8 @@ class CropPixels:
         return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
 
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self._normalise(pixels.float().div(255))
+        # Normalize's own (x - mean) / std, in place on the one float copy: it runs on every training batch.
+        return pixels.float().div_(255).sub_(self._mean).div_(self._std)
 
 
 def render_set(
@@ -199,6 +203,23 @@ def _tiny_preprocess(size: int) -> dict[str, Any]:
     return {**backbones.TINY_PREPROCESS_CFG, "size": [size, size]}
 
 
+def use_explicit_attention(model: torch.nn.Module) -> int:
+    """Switches the model's timm attention layers from torch's fused SDPA to timm's explicit softmax(QKᵀ)V, in place.
+
+    Same maths, but on CPU the fused (flash) kernel's backward is slow for short token sequences: a 64-photo
+    pretraining step of the tiny trunk (bf16 autocast, one core) takes 0.475 s fused against 0.358 s explicit at
+    128 px, 1.205 s against 0.867 s at 192 px. (Style fine-tuning, which trains one block on cached activations,
+    gained nothing measurable from it, so only pretraining uses it.)
+
+    Returns:
+        How many layers were switched.
+    """
+    layers = [module for module in model.modules() if getattr(module, "fused_attn", False)]
+    for layer in layers:
+        layer.fused_attn = False
+    return len(layers)
+
+
 class AttributeNet(torch.nn.Module):
     """The tiny vision tower plus one linear head per attribute on its pooled 192-d feature.
 
@@ -212,6 +233,7 @@ class AttributeNet(torch.nn.Module):
 
         super().__init__()
         self.visual = create_tiny(pretrained=False).visual
+        use_explicit_attention(self.visual)  # pretraining runs on CPU, where a step is ~1.35x faster with it
         if init is not None:
             load_tiny_trunk(self.visual, init)
         dim = feature_dim_of(self.visual)
@@ -311,9 +333,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model.train()
         for i in range(steps_per_epoch):
             idx = order[(i * local_batch) % len(order):][:local_batch]
-            x, y = shrink(crop_pixels.normalise(train_x[idx]), size), train_y[idx]
+            x, y = train_x[idx], train_y[idx]
             flip = torch.rand(len(x), generator=gen) < 0.5  # attributes are left-right symmetric
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)  # on uint8: a quarter of the bytes
+            x = shrink(crop_pixels.normalise(x), size)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total, settings)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
