@@ -140,10 +140,15 @@ def test_explicit_attention_computes_what_the_fused_kernel_does():
     for layer in layers:
         layer.fused_attn = True
     assert use_explicit_attention(copy.deepcopy(fused)) == 5
-    pixels = torch.randn(2, 3, 128, 128)
+    pixels, labels = torch.randn(2, 3, 128, 128), torch.zeros(2, len(attribute_sizes()), dtype=torch.long)
     fused_logits, explicit_logits = fused.eval()(pixels), explicit.eval()(pixels)
     for name, logits in fused_logits.items():
         torch.testing.assert_close(explicit_logits[name], logits, rtol=1e-4, atol=1e-5)
+    # the switch is made for the backward's speed, so the gradients must agree too
+    attribute_loss(fused_logits, labels).backward()
+    attribute_loss(explicit_logits, labels).backward()
+    for (name, a), b in zip(fused.visual.named_parameters(), explicit.visual.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-5, msg=name)
 
 
 def test_pretrain_rejects_a_bad_input_size_or_a_missing_init_before_starting_ray(tmp_path):
