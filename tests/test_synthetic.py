@@ -285,3 +285,20 @@ def test_sampled_attributes_are_uniform_and_mutually_independent():
     assert cramers_v("upper_color", "bottom_color", worn) < 0.12
     assert cramers_v("bottom", "bottom_pattern", worn) < 0.12
     assert cramers_v("fit", "upper_pattern", draws) < 0.12
+
+
+def test_pattern_textures_keep_their_pixels():
+    """The numpy-drawn textures are pinned to the bytes they had when the committed detector and trunk were trained
+    (ootd/assets): a faster rewrite of `_pattern` must not change a pixel."""
+    import hashlib
+
+    from ootd.synthetic_render import _Figure, _pattern
+
+    kinds = ("stripes_h", "stripes_v", "stripes_wide", "pinstripe", "checks", "tartan", "dots", "colorblock", "trim",
+             "denim")  # fmt: skip
+    digest = hashlib.sha256()
+    for i, kind in enumerate(kinds):
+        figure = _Figure(100.5 + i, 12.25, 150.0 + 3 * i)
+        colours = [(200, 10, 30), (20, 40, 220), (240, 240, 10)]
+        digest.update(_pattern(kind, colours, figure, np.random.default_rng(i), 192).tobytes())
+    assert digest.hexdigest() == "9c5b98bd68a21b5abdb46ac8dd2c63e55d8038d4506d0a97a211163eb2be79dd"
