@@ -46,18 +46,14 @@ def resolve_demo_config(config: Config, overrides: Sequence[str] = ()) -> Config
 def weights_digests(config: Config) -> dict[str, str]:
     """sha256 of the weight files the stages read beyond the config: a committed asset replaced under the same
     name (a new detector, a re-pretrained trunk) must not let a rerun reuse crops or models made with the old one."""
-    from ootd.detect.yolo import resolve_weights
+    from ootd.detect.yolo import weights_sha256
     from ootd.model.backbones import TINY_WEIGHTS
 
-    files: dict[str, Path | None] = {}
-    try:
-        files["detector"] = resolve_weights(config.detect.weights)
-    except FileNotFoundError:
-        files["detector"] = None  # the ingest stage reports it
+    digests = {"detector": weights_sha256(config.detect.weights) or "missing"}  # the ingest stage reports a missing one
     if config.model.backbone == "tiny":
-        files["backbone"] = TINY_WEIGHTS
-    return {name: hashlib.sha256(path.read_bytes()).hexdigest() if path and path.is_file() else "missing"
-            for name, path in files.items()}
+        trunk = TINY_WEIGHTS.read_bytes() if TINY_WEIGHTS.is_file() else None
+        digests["backbone"] = hashlib.sha256(trunk).hexdigest() if trunk is not None else "missing"
+    return digests
 
 
 class StageLog:

@@ -283,8 +283,36 @@ def test_resuming_with_other_crop_settings_is_refused(tiny_config, tmp_path):
         check_crop_settings(tmp_path, with_overrides(tiny_config, ["data.crop_max_side=128"]))
 
 
+def test_resuming_after_the_detector_file_was_replaced_is_refused(tiny_config, tmp_path):
+    """Same name, other weights (a retrained detector copied over the old one): only the content tells."""
+    import hashlib
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ootd.config import save_config, with_overrides
+    from ootd.detect.yolo import resolve_weights
+    from ootd.ingest.pipeline import DETECTOR_DIGEST_FILE, check_crop_settings
+
+    weights = tmp_path / "detector.pt"
+    shutil.copyfile(resolve_weights(tiny_config.detect.weights), weights)
+    config = with_overrides(tiny_config, [f"detect.weights={weights}"])
+    out = tmp_path / "out"
+    (out / "crops").mkdir(parents=True)
+    pq.write_table(pa.table({"source": ["a.jpg"], "image_id": ["a"]}), out / "crops" / "part-0.parquet")
+    save_config(config, out / "config.yaml")
+    (out / DETECTOR_DIGEST_FILE).write_text(hashlib.sha256(weights.read_bytes()).hexdigest() + "\n")
+    check_crop_settings(out, config)  # the same weights
+    weights.write_bytes(weights.read_bytes() + b"retrained")
+    with pytest.raises(ValueError, match="content of the detector weights"):
+        check_crop_settings(out, config)
+
+
 @pytest.mark.slow
 def test_resume_after_a_partial_run(ray_session, synthetic_set, tiny_config, tmp_path):
+    from ootd.detect.yolo import weights_sha256
+
     source = synthetic_set / "images" / "Sporty"
     out = tmp_path / "out"
     partial = run_ingest(tiny_config, source, out, limit=2)
@@ -296,6 +324,7 @@ def test_resume_after_a_partial_run(ray_session, synthetic_set, tiny_config, tmp
     assert len(crops) == 6 == len(ids) == len(sources) == crops.image_id.nunique()
     assert {Path(s).name for s in crops.source} == {p.name for p in source.glob("*.jpg")}
     assert len(list((out / "crops").glob("*.parquet"))) == 2  # one file per run, none rewritten
+    assert (out / "detector.sha256").read_text().strip() == weights_sha256(tiny_config.detect.weights)
 
 
 # ---------------------------------------------------------------- the job, through `ray job submit`

@@ -80,6 +80,17 @@ def resolve_weights(weights: str) -> Path:
                             + _how_to_get_weights(path.name))
 
 
+def weights_sha256(weights: str) -> str | None:
+    """sha256 of the detector weights `weights` resolves to, or None when they are nowhere on disk (the detect stage
+    reports that): a file replaced under the same name cuts other crops, which only its content tells."""
+    import hashlib
+
+    try:
+        return hashlib.sha256(resolve_weights(weights).read_bytes()).hexdigest()
+    except FileNotFoundError:
+        return None
+
+
 def _how_to_get_weights(name: str) -> str:
     return (
         "ootd never downloads detector weights. Either train one on YOLO-format data with "

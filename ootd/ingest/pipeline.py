@@ -58,6 +58,7 @@ if TYPE_CHECKING:
 __all__ = ["Input", "list_inputs", "read_done", "run_ingest"]  # Input and list_inputs live in ootd.ingest.sources
 
 SUMMARY_FILE, CONFIG_FILE = "ingest_summary.json", "config.yaml"
+DETECTOR_DIGEST_FILE = "detector.sha256"  # the detector weights the crops were cut with, by content
 DOWNLOADS_DIR = "downloads"  # downloaded bytes between the two passes; removed when a run completes
 ROWS_PER_FILE = 1024  # crops are <= crop_max_side JPEGs (~20-60 kB): tens of MB per file
 # Largest block of the hash pass: one task's share of a large ingest stays cheap to retry and spreads out.
@@ -127,12 +128,14 @@ def check_crop_settings(out_dir: str | Path, config: Config) -> None:
     """Refuses to resume into an output folder whose crops were cut with other crop settings.
 
     Ingest skips photos already in `crops/`, so a second run with, say, another `detect.conf` would silently keep
-    the first run's crops beside its own. The folder's `config.yaml` records the settings of the run that wrote it.
+    the first run's crops beside its own. The folder's `config.yaml` records the settings of the run that wrote it,
+    and `detector.sha256` its detector weights' content (a retrained detector copied over the same file name).
 
     Raises:
-        ValueError: `out_dir` holds crops and its recorded crop settings differ from `config`'s.
+        ValueError: `out_dir` holds crops and its recorded crop settings or detector weights differ from `config`'s.
     """
     from ootd.config import load_config
+    from ootd.detect.yolo import weights_sha256
 
     out = Path(out_dir)
     recorded = out / CONFIG_FILE
@@ -145,6 +148,9 @@ def check_crop_settings(out_dir: str | Path, config: Config) -> None:
             old, new = getattr(getattr(before, section), key), getattr(getattr(config, section), key)
             if old != new:
                 changed.append(f"{section}.{key} {old!r} -> {new!r}")
+    digest_file = out / DETECTOR_DIGEST_FILE
+    if digest_file.is_file() and digest_file.read_text().strip() != (weights_sha256(config.detect.weights) or ""):
+        changed.append(f"the content of the detector weights {config.detect.weights!r}")
     if changed:
         raise ValueError(f"{out} holds crops cut with other settings ({'; '.join(changed)}); resuming would mix "
                          f"the two: ingest into a new output folder, or remove {out / CROPS_DIR} to cut them again")
@@ -156,8 +162,8 @@ def run_ingest(config: Config, source: str | Path, out_dir: str | Path, *, limit
     Args:
         config: the resolved config (data and detect sections are used).
         source: a style folder or a manifest (see `list_inputs`).
-        out_dir: output folder: `crops/`, `errors/`, `ingest_summary.json`, `config.yaml` (and for URL inputs
-            `fetched/`, plus `downloads/` while a run is unfinished).
+        out_dir: output folder: `crops/`, `errors/`, `ingest_summary.json`, `config.yaml`, `detector.sha256` (and
+            for URL inputs `fetched/`, plus `downloads/` while a run is unfinished).
         limit: only the first `limit` inputs (in source order).
 
     Returns:
@@ -175,6 +181,7 @@ def run_ingest(config: Config, source: str | Path, out_dir: str | Path, *, limit
     import pyarrow as pa
 
     from ootd.config import save_config
+    from ootd.detect.yolo import weights_sha256
 
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
@@ -191,6 +198,7 @@ def run_ingest(config: Config, source: str | Path, out_dir: str | Path, *, limit
     retried = {item.source for item in todo if item.source in done.transient}
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / CONFIG_FILE)
+    (out / DETECTOR_DIGEST_FILE).write_text((weights_sha256(config.detect.weights) or "missing") + "\n")
     run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     data = config.data
     limits = {"max_bytes": data.max_image_bytes, "max_pixels": data.max_image_pixels}
