@@ -235,25 +235,28 @@ def _pattern(kind: str, colors: list[RGB], fig: _Figure, rng: np.random.Generato
     # A column and a row of coordinates that broadcast to the grid: the same int64 values as np.mgrid's, so the same
     # pixels, at a fraction of the work (pretraining renders ~17k of these photos per stage).
     yy, xx = np.arange(size)[:, None], np.arange(size)[None, :]
-    grid = (size, size)
     period = max(3.0, fig.h * float(rng.uniform(0.035, 0.06)))
     out = np.empty((size, size, 3), np.uint8)
     out[:] = c[0]
+
+    def paint(mask: np.ndarray, colour: np.ndarray) -> None:
+        out[np.broadcast_to(mask, (size, size))] = colour  # a row- or column-only mask spans the whole grid
+
     if kind in ("stripes_h", "stripes_v", "stripes_wide"):
         axis = xx if kind == "stripes_v" else yy
         step = period * (2.0 if kind == "stripes_wide" else 1.0)
-        out[np.broadcast_to(((axis - fig.y0) // (step / 2)) % 2 == 1, grid)] = c[1]
+        paint(((axis - fig.y0) // (step / 2)) % 2 == 1, c[1])
     elif kind == "pinstripe":
-        out[np.broadcast_to((xx % period) < 1, grid)] = c[1]
+        paint((xx % period) < 1, c[1])
     elif kind == "checks":
-        out[((xx // period) + (yy // period)) % 2 == 1] = c[1]
+        paint(((xx // period) + (yy // period)) % 2 == 1, c[1])
     elif kind == "tartan":
         vert, horiz = (xx % period) < period * 0.35, (yy % period) < period * 0.35
-        out[vert ^ horiz] = c[1]
-        out[vert & horiz] = c[2]
+        paint(vert ^ horiz, c[1])
+        paint(vert & horiz, c[2])
     elif kind == "dots":
         r = period * 0.22
-        out[((xx % period) - period / 2) ** 2 + ((yy % period) - period / 2) ** 2 < r * r] = c[1]
+        paint(((xx % period) - period / 2) ** 2 + ((yy % period) - period / 2) ** 2 < r * r, c[1])
     elif kind in ("floral", "graphic", "camo"):
         img = Image.fromarray(out)
         draw = ImageDraw.Draw(img)
@@ -270,13 +273,13 @@ def _pattern(kind: str, colors: list[RGB], fig: _Figure, rng: np.random.Generato
         out = np.asarray(img, dtype=np.uint8).copy()
     elif kind == "colorblock":
         split = fig.y0 + fig.h * float(rng.uniform(0.25, 0.33))
-        out[np.broadcast_to(yy > split, grid)] = c[1]
-        out[np.broadcast_to((yy > split) & (yy < split + period * 0.6), grid)] = c[2]
+        paint(yy > split, c[1])
+        paint((yy > split) & (yy < split + period * 0.6), c[2])
     elif kind == "trim":  # track stripes down the sides of sleeves and legs
         for side in (-1, 1):
             for x_rel in (0.13, 0.075):
                 x = fig.cx + side * x_rel * fig.h
-                out[np.broadcast_to(np.abs(xx - x) < max(1.0, fig.h * 0.008), grid)] = c[1]
+                paint(np.abs(xx - x) < max(1.0, fig.h * 0.008), c[1])
     elif kind == "denim":
         shade = rng.integers(-14, 15, (size, size, 1)) + (((xx + yy) % 4) < 1)[..., None] * 12
         out = np.clip(out.astype(np.int16) + shade, 0, 255).astype(np.uint8)

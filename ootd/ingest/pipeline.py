@@ -135,7 +135,6 @@ def check_crop_settings(out_dir: str | Path, config: Config) -> None:
         ValueError: `out_dir` holds crops and its recorded crop settings or detector weights differ from `config`'s.
     """
     from ootd.config import load_config
-    from ootd.detect.yolo import weights_sha256
 
     out = Path(out_dir)
     recorded = out / CONFIG_FILE
@@ -149,11 +148,18 @@ def check_crop_settings(out_dir: str | Path, config: Config) -> None:
             if old != new:
                 changed.append(f"{section}.{key} {old!r} -> {new!r}")
     digest_file = out / DETECTOR_DIGEST_FILE
-    if digest_file.is_file() and digest_file.read_text().strip() != (weights_sha256(config.detect.weights) or ""):
+    if digest_file.is_file() and digest_file.read_text().strip() != _detector_digest(config):
         changed.append(f"the content of the detector weights {config.detect.weights!r}")
     if changed:
         raise ValueError(f"{out} holds crops cut with other settings ({'; '.join(changed)}); resuming would mix "
                          f"the two: ingest into a new output folder, or remove {out / CROPS_DIR} to cut them again")
+
+
+def _detector_digest(config: Config) -> str:
+    """What `detector.sha256` records: the weights' sha256, or "missing" (the detect stage then reports them)."""
+    from ootd.detect.yolo import weights_sha256
+
+    return weights_sha256(config.detect.weights) or "missing"
 
 
 def run_ingest(config: Config, source: str | Path, out_dir: str | Path, *, limit: int | None = None) -> dict:
@@ -181,7 +187,6 @@ def run_ingest(config: Config, source: str | Path, out_dir: str | Path, *, limit
     import pyarrow as pa
 
     from ootd.config import save_config
-    from ootd.detect.yolo import weights_sha256
 
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
@@ -198,7 +203,7 @@ def run_ingest(config: Config, source: str | Path, out_dir: str | Path, *, limit
     retried = {item.source for item in todo if item.source in done.transient}
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / CONFIG_FILE)
-    (out / DETECTOR_DIGEST_FILE).write_text((weights_sha256(config.detect.weights) or "missing") + "\n")
+    (out / DETECTOR_DIGEST_FILE).write_text(_detector_digest(config) + "\n")
     run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     data = config.data
     limits = {"max_bytes": data.max_image_bytes, "max_pixels": data.max_image_pixels}
