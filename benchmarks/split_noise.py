@@ -1,0 +1,101 @@
+"""How much of a model's mAP@10 on a small test split is the split: score trained models on many random splits of
+the same size, drawn from a fresh set none of them trained on.
+
+`make demo` scores on 121 test photos (about 9 per style). This embeds every crop of a larger fresh set once per
+model, then draws `--subsets` galleries with the demo split's per-style counts (read from `--counts-from`, the
+demo's crops table and split) and scores each: the mean is what the model is expected to score on a split like
+the demo's, the spread is the split's own noise. The first model is the reference for paired differences (same
+subsets for every model).
+
+    ootd sample-data --out /tmp/bigtest/sample --per-style 200 --seed 777 --size 256
+    ootd ingest -c runs/demo/config.yaml --source /tmp/bigtest/sample/images --out /tmp/bigtest/ingest
+    .venv/bin/python benchmarks/split_noise.py --crops /tmp/bigtest/ingest/crops --counts-from runs/demo/crops \\
+        --model committed=runs/demo/models/<dir> --model other=runs/demo/models/<dir> ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+
+def read_crops(crops_dir: Path) -> tuple[list, list[str]]:
+    """Every labelled crop of a crops table as (PIL images, styles)."""
+    import pyarrow.dataset as ds
+
+    from ootd.decode import decode_crop
+    from ootd.tables import crops_files
+
+    dataset = ds.dataset([str(f) for f in crops_files(crops_dir)], format="parquet")
+    images, styles = [], []
+    for batch in dataset.to_batches(columns=["crop", "style"], batch_size=256):
+        for crop, style in zip(batch.column("crop").to_pylist(), batch.column("style").to_pylist(), strict=True):
+            if crop and style:
+                images.append(decode_crop(crop))
+                styles.append(style)
+    return images, styles
+
+
+def demo_counts(crops_dir: Path, split: str = "test", val: float = 0.15, test: float = 0.15) -> Counter:
+    """Per-style image counts of one split of a crops table (the demo's test split by default)."""
+    from ootd.evaluate.run import select_split
+    from ootd.tables import crops_files
+
+    selected, _ = select_split(crops_files(crops_dir), split, val, test)
+    return Counter(selected.values())
+
+
+def draw_subsets(styles: list[str], counts: Counter, n: int, seed: int) -> list[np.ndarray]:
+    """`n` index sets, each with `counts[style]` items of every style, drawn without replacement within a set."""
+    rng = np.random.default_rng(seed)
+    by_style = {s: np.flatnonzero(np.asarray(styles) == s) for s in counts}
+    short = {s: (len(by_style[s]), c) for s, c in counts.items() if len(by_style[s]) < c}
+    if short:
+        raise ValueError(f"the fresh set has fewer photos than a split needs (have, need): {short}")
+    return [np.concatenate([rng.choice(by_style[s], c, replace=False) for s, c in counts.items()]) for _ in range(n)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ootd.evaluate.metrics import retrieval_metrics
+    from ootd.model.export import load
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--crops", type=Path, required=True, help="crops table of the fresh set")
+    parser.add_argument("--counts-from", type=Path, required=True, help="crops table whose test split sets the sizes")
+    parser.add_argument("--model", action="append", required=True, metavar="LABEL=MODEL_DIR")
+    parser.add_argument("--subsets", type=int, default=300)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threshold", type=float, default=0.6, help="report the share of subsets at or above it")
+    args = parser.parse_args(argv)
+
+    counts = demo_counts(args.counts_from)
+    images, styles = read_crops(args.crops)
+    subsets = draw_subsets(styles, counts, args.subsets, args.seed)
+    labels = np.asarray(styles)
+    print(f"{len(images)} fresh crops; {args.subsets} subsets of {sum(counts.values())} "
+          f"({', '.join(f'{s} {c}' for s, c in sorted(counts.items()))})", file=sys.stderr)  # fmt: skip
+
+    scores: dict[str, np.ndarray] = {}
+    for spec in args.model:
+        label, _, model_dir = spec.partition("=")
+        embeddings = load(model_dir).embed(images)
+        scores[label] = np.array([retrieval_metrics(embeddings[idx], labels[idx])["mAP@10"] for idx in subsets])
+        print(f"{label}: done", file=sys.stderr)
+
+    reference = next(iter(scores))
+    print(f"| model | mean mAP@10 | SD | 5th–95th pct | share ≥ {args.threshold} | − {reference}: mean (SD) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for label, values in scores.items():
+        low, high = np.percentile(values, [5, 95])
+        diff = values - scores[reference]
+        print(f"| {label} | {values.mean():.3f} | {values.std(ddof=1):.3f} | {low:.3f}–{high:.3f} | "
+              f"{(values >= args.threshold).mean():.0%} | {diff.mean():+.3f} ({diff.std(ddof=1):.3f}) |")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
