@@ -40,19 +40,21 @@ def read_crops(crops_dir: Path) -> tuple[list, list[str]]:
     return images, styles
 
 
-def demo_counts(crops_dir: Path, split: str = "test", val: float = 0.15, test: float = 0.15) -> Counter:
-    """Per-style image counts of one split of a crops table (the demo's test split by default)."""
+def demo_counts(crops_dir: Path) -> Counter:
+    """Per-style image counts of a crops table's test split, at the split fractions `ootd demo` trains with."""
+    from ootd.config import TrainConfig
     from ootd.evaluate.run import select_split
     from ootd.tables import crops_files
 
-    selected, _ = select_split(crops_files(crops_dir), split, val, test)
+    fractions = TrainConfig()
+    selected, _ = select_split(crops_files(crops_dir), "test", fractions.val_fraction, fractions.test_fraction)
     return Counter(selected.values())
 
 
-def draw_subsets(styles: list[str], counts: Counter, n: int, seed: int) -> list[np.ndarray]:
+def draw_subsets(labels: np.ndarray, counts: Counter, n: int, seed: int) -> list[np.ndarray]:
     """`n` index sets, each with `counts[style]` items of every style, drawn without replacement within a set."""
     rng = np.random.default_rng(seed)
-    by_style = {s: np.flatnonzero(np.asarray(styles) == s) for s in counts}
+    by_style = {s: np.flatnonzero(labels == s) for s in counts}
     short = {s: (len(by_style[s]), c) for s, c in counts.items() if len(by_style[s]) < c}
     if short:
         raise ValueError(f"the fresh set has fewer photos than a split needs (have, need): {short}")
@@ -74,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
 
     counts = demo_counts(args.counts_from)
     images, styles = read_crops(args.crops)
-    subsets = draw_subsets(styles, counts, args.subsets, args.seed)
     labels = np.asarray(styles)
+    subsets = draw_subsets(labels, counts, args.subsets, args.seed)
     print(f"{len(images)} fresh crops; {args.subsets} subsets of {sum(counts.values())} "
           f"({', '.join(f'{s} {c}' for s, c in sorted(counts.items()))})", file=sys.stderr)  # fmt: skip
 
