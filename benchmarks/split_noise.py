@@ -23,21 +23,26 @@ from pathlib import Path
 import numpy as np
 
 
-def read_crops(crops_dir: Path) -> tuple[list, list[str]]:
-    """Every labelled crop of a crops table as (PIL images, styles)."""
+def read_crops(crops_dir: Path) -> tuple[list, list[str], list[str]]:
+    """Every labelled crop of a crops table as (PIL images, styles, image ids), in image-id order.
+
+    Ingest writes rows in whatever order its blocks finish, so without the sort two crops tables of the same photos
+    (say, with and without `detect.flip_average`) would give the same gallery indices different photos.
+    """
     import pyarrow.dataset as ds
 
     from ootd.decode import decode_crop
     from ootd.tables import crops_files
 
     dataset = ds.dataset([str(f) for f in crops_files(crops_dir)], format="parquet")
-    images, styles = [], []
-    for batch in dataset.to_batches(columns=["crop", "style"], batch_size=256):
-        for crop, style in zip(batch.column("crop").to_pylist(), batch.column("style").to_pylist(), strict=True):
-            if crop and style:
-                images.append(decode_crop(crop))
-                styles.append(style)
-    return images, styles
+    rows = dataset.to_table(columns=["image_id", "crop", "style"]).sort_by("image_id")
+    images, styles, ids = [], [], []
+    for image_id, crop, style in zip(*(rows.column(c).to_pylist() for c in rows.column_names), strict=True):
+        if crop and style:
+            images.append(decode_crop(crop))
+            styles.append(style)
+            ids.append(image_id)
+    return images, styles, ids
 
 
 def demo_counts(crops_dir: Path) -> Counter:
@@ -69,14 +74,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--crops", type=Path, required=True, help="crops table of the fresh set")
     parser.add_argument("--counts-from", type=Path, required=True, help="crops table whose test split sets the sizes")
     parser.add_argument("--model", action="append", required=True, metavar="LABEL=MODEL_DIR")
+    parser.add_argument(
+        "--crops-for",
+        action="append",
+        default=[],
+        metavar="LABEL=CROPS_DIR",
+        help="score model LABEL on another crops table of the same photos (other detect settings)",
+    )
     parser.add_argument("--subsets", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threshold", type=float, default=0.6, help="report the share of subsets at or above it")
     args = parser.parse_args(argv)
 
     counts = demo_counts(args.counts_from)
-    images, styles = read_crops(args.crops)
+    images, styles, ids = read_crops(args.crops)
     labels = np.asarray(styles)
+    crops_for = dict(spec.split("=", 1) for spec in args.crops_for)
     subsets = draw_subsets(labels, counts, args.subsets, args.seed)
     print(f"{len(images)} fresh crops; {args.subsets} subsets of {sum(counts.values())} "
           f"({', '.join(f'{s} {c}' for s, c in sorted(counts.items()))})", file=sys.stderr)  # fmt: skip
@@ -84,7 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     scores: dict[str, np.ndarray] = {}
     for spec in args.model:
         label, _, model_dir = spec.partition("=")
-        embeddings = load(model_dir).embed(images)
+        own_images = images
+        if label in crops_for:
+            own_images, _, own_ids = read_crops(Path(crops_for[label]))
+            if own_ids != ids:
+                raise ValueError(f"{crops_for[label]} does not hold the same labelled photos as {args.crops}")
+        embeddings = load(model_dir).embed(own_images)
         scores[label] = np.array([retrieval_metrics(embeddings[idx], labels[idx])["mAP@10"] for idx in subsets])
         print(f"{label}: done", file=sys.stderr)
 

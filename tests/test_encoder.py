@@ -68,7 +68,7 @@ def exported(tiny, tmp_path_factory) -> Path:
 
 def test_tiny_shapes_and_unit_norm(tiny):
     assert (tiny.feature_dim, tiny.embed_dim, tiny.depth) == (192, 128, 4)
-    assert tiny.preprocess_cfg["size"] == [192, 192]  # tiny.yaml's model.image_size (the trunk's own is 128)
+    assert tiny.preprocess_cfg["size"] == [224, 224]  # tiny.yaml's model.image_size (the trunk's own is 128)
     assert tiny.preprocess_cfg["mean"] == [0.5, 0.5, 0.5] and tiny.preprocess_cfg["resize_mode"] == "squash"
     emb = tiny.embed(_images(5), batch_size=2)
     assert emb.shape == (5, 128) and emb.dtype == np.float32
@@ -198,7 +198,7 @@ def test_boundary_path_equals_full_path(k, head):
         boundary = enc.boundary_features(pixels, k)
         via_boundary = enc.forward_from_boundary(boundary, k)
         full = enc(pixels)
-    assert boundary.shape == ((4, 192) if k == 0 else (4, 144, 192))  # 192 px (tiny.yaml) in 16 px patches
+    assert boundary.shape == ((4, 192) if k == 0 else (4, 196, 192))  # 224 px (tiny.yaml) in 16 px patches
     torch.testing.assert_close(via_boundary, full, atol=1e-5, rtol=0)
 
 
@@ -242,12 +242,13 @@ def test_bad_arguments_are_rejected(tiny):
 def test_non_square_crop_is_padded_not_stretched(tiny):
     red = Image.new("RGB", (20, 40), (255, 0, 0))  # tall crop: 2x as high as wide
     pixels = tiny.preprocess([red])[0]
-    assert pixels.shape == (3, 192, 192)
+    assert pixels.shape == (3, 224, 224)
     grey = (127 / 255 - 0.5) / 0.5
-    # Side bands (a quarter of the width each) are the neutral fill, the centre is the red crop.
-    torch.testing.assert_close(pixels[:, :, :36], torch.full((3, 192, 36), grey), atol=1e-3, rtol=0)
-    torch.testing.assert_close(pixels[:, :, -36:], torch.full((3, 192, 36), grey), atol=1e-3, rtol=0)
-    assert pixels[0, :, 60:132].min() > 0.99 and pixels[1, :, 60:132].max() < -0.99
+    # Side bands (a quarter of the width each, 56 px) are the neutral fill, the centre is the red crop; the pixels
+    # next to each seam are left out, where the bicubic resize rings.
+    torch.testing.assert_close(pixels[:, :, :44], torch.full((3, 224, 44), grey), atol=1e-3, rtol=0)
+    torch.testing.assert_close(pixels[:, :, -44:], torch.full((3, 224, 44), grey), atol=1e-3, rtol=0)
+    assert pixels[0, :, 64:160].min() > 0.99 and pixels[1, :, 64:160].max() < -0.99
     stretched = tiny.transform(red)  # what a squash resize alone would give: red everywhere
     assert not torch.allclose(pixels, stretched, atol=0.1)
 

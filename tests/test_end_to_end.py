@@ -32,12 +32,12 @@ def test_fine_tuning_and_cropping_beat_their_baselines_on_held_out_outfits(ray_c
     assert report["split"] == "test" and report["n_images"] >= 100
     scores = {variant: figures["mAP@10"] for variant, figures in report["variants"].items()}
     # Margins below the smallest seen over five demo trainings of this recipe on this data (README "Evaluation",
-    # benchmarks/results/eval_spread.md: +0.442, 5.6x, +0.581, +0.134, 0.756), so a regression fails and noise not.
-    assert scores["finetuned_crop"] >= scores["frozen_crop"] + 0.4, scores
+    # benchmarks/results/eval_spread.md: +0.398, 5.5x, +0.576, +0.183, 0.763), so a regression fails and noise not.
+    assert scores["finetuned_crop"] >= scores["frozen_crop"] + 0.35, scores
     assert scores["finetuned_crop"] >= 5 * scores["histogram_crop"], scores
     assert scores["finetuned_crop"] >= scores["finetuned_whole"] + 0.5, scores
     assert scores["frozen_crop"] >= scores["frozen_whole"] + 0.05, scores
     # The committed trunk's attribute pretraining, frozen, against the same architecture at its seeded random init:
-    # neither depends on the training seed (+0.099 on this data), so about half of it is the margin.
+    # neither depends on the training seed (+0.142 on this data), so about a third of it is the margin.
     assert scores["frozen_crop"] >= scores["frozen_random_crop"] + 0.05, scores
     assert report["variants"]["finetuned_crop"]["style_gap"] >= 0.7, report["variants"]["finetuned_crop"]
