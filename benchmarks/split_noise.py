@@ -5,7 +5,8 @@ the same size, drawn from a fresh set none of them trained on.
 model, then draws `--subsets` galleries with the demo split's per-style counts (read from `--counts-from`, the
 demo's crops table and split) and scores each: the mean is what the model is expected to score on a split like
 the demo's, the spread is the split's own noise. The first model is the reference for paired differences (same
-subsets for every model).
+subsets for every model). `--crops-for LABEL=CROPS_DIR` scores one model on another crops table of the same
+photos, e.g. one ingested with other `detect` settings.
 
     ootd sample-data --out /tmp/bigtest/sample --per-style 200 --seed 777 --size 256
     ootd ingest -c runs/demo/config.yaml --source /tmp/bigtest/sample/images --out /tmp/bigtest/ingest
@@ -85,11 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threshold", type=float, default=0.6, help="report the share of subsets at or above it")
     args = parser.parse_args(argv)
+    crops_for = {label: path for label, _, path in (spec.partition("=") for spec in args.crops_for)}
+    unknown = set(crops_for) - {spec.partition("=")[0] for spec in args.model}
+    if unknown:
+        parser.error(f"--crops-for names no --model label: {sorted(unknown)}")
 
     counts = demo_counts(args.counts_from)
     images, styles, ids = read_crops(args.crops)
     labels = np.asarray(styles)
-    crops_for = dict(spec.split("=", 1) for spec in args.crops_for)
     subsets = draw_subsets(labels, counts, args.subsets, args.seed)
     print(f"{len(images)} fresh crops; {args.subsets} subsets of {sum(counts.values())} "
           f"({', '.join(f'{s} {c}' for s, c in sorted(counts.items()))})", file=sys.stderr)  # fmt: skip
