@@ -98,15 +98,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(images)} fresh crops; {args.subsets} subsets of {sum(counts.values())} "
           f"({', '.join(f'{s} {c}' for s, c in sorted(counts.items()))})", file=sys.stderr)  # fmt: skip
 
+    other_crops: dict[str, list] = {}  # crops dir -> its images, read once however many models use it
+    for path in set(crops_for.values()):
+        other_images, _, other_ids = read_crops(Path(path))
+        if other_ids != ids:
+            raise ValueError(f"{path} does not hold the same labelled photos as {args.crops}")
+        other_crops[path] = other_images
+
     scores: dict[str, np.ndarray] = {}
     for spec in args.model:
         label, _, model_dir = spec.partition("=")
-        own_images = images
-        if label in crops_for:
-            own_images, _, own_ids = read_crops(Path(crops_for[label]))
-            if own_ids != ids:
-                raise ValueError(f"{crops_for[label]} does not hold the same labelled photos as {args.crops}")
-        embeddings = load(model_dir).embed(own_images)
+        embeddings = load(model_dir).embed(other_crops[crops_for[label]] if label in crops_for else images)
         scores[label] = np.array([retrieval_metrics(embeddings[idx], labels[idx])["mAP@10"] for idx in subsets])
         print(f"{label}: done", file=sys.stderr)
 
